@@ -169,7 +169,7 @@ parse_flush_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
     Py_ssize_t i, nkw = 0;
     int k;
 
-    if (nargs < 1 || nargs > 3) {
+    if (nargs > 3) {
         PyErr_Format(PyExc_TypeError,
                      "flush() takes from 1 to 3 positional arguments "
                      "but %zd were given", nargs);
@@ -183,7 +183,7 @@ parse_flush_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
         PyObject *name = PyTuple_GetItem(kwnames, i);
         if (name == NULL)
             return -1;
-        for (k = 1; k < 4; k++) {
+        for (k = 0; k < 4; k++) {
             if (PyUnicode_CompareWithASCIIString(name, names[k]) == 0)
                 break;
         }
@@ -200,6 +200,11 @@ parse_flush_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
             return -1;
         }
         slots[k] = args[nargs + i];
+    }
+    if (slots[0] == NULL) {
+        PyErr_SetString(PyExc_TypeError,
+                        "flush() missing required argument 'buf'");
+        return -1;
     }
     return 0;
 }

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable
+from typing import SupportsIndex
 
 from msyncext._msync import MS_ASYNC, MS_INVALIDATE, MS_SYNC, PAGESIZE, flush
 from msyncext._msync import flush_runs as _flush_runs
@@ -22,12 +23,12 @@ from msyncext._ranges import covering_runs as _covering_runs
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "DEFAULT_MAX_GAP",
     "MS_ASYNC",
     "MS_INVALIDATE",
     "MS_SYNC",
     "PAGESIZE",
     "__version__",
-    "DEFAULT_MAX_GAP",
     "flush",
     "flush_ranges",
 ]
@@ -44,15 +45,11 @@ _VALID_FLAGS = frozenset(
 
 def _check_flags(flags: object) -> None:
     """Raise TypeError or ValueError, naming ``flags``, unless it is valid."""
-    value: int | None
-    try:
-        value = None if isinstance(flags, bool) else operator.index(flags)  # type: ignore[call-overload]
-    except TypeError:
-        value = None
-    if value is None:
+    if isinstance(flags, bool) or not isinstance(flags, SupportsIndex):
         raise TypeError(
             f"flags must be an integer, not {flags!r} ({type(flags).__name__})"
         )
+    value = operator.index(flags)
     if value not in _VALID_FLAGS:
         raise ValueError(
             f"flags {flags!r} is not MS_SYNC ({MS_SYNC}) or MS_ASYNC "

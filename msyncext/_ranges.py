@@ -8,25 +8,18 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable
+from typing import SupportsIndex
 
 
 def _count(value: object, what: str, index: int, pair: object) -> int:
     """``value`` as a non-negative int, or an error naming the pair."""
     if type(value) is not int:
-        if isinstance(value, bool):
-            number = None
-        else:
-            try:
-                number = operator.index(value)  # type: ignore[call-overload]
-            except TypeError:
-                number = None
-        if number is None:
+        if isinstance(value, bool) or not isinstance(value, SupportsIndex):
             raise TypeError(
                 f"ranges[{index}] = {pair!r}: {what} must be an integer, "
                 f"not {type(value).__name__}"
             )
-        value = number
-    assert isinstance(value, int)
+        value = operator.index(value)
     if value < 0:
         raise ValueError(f"ranges[{index}] = {pair!r}: {what} {value} is negative")
     return value
