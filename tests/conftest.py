@@ -1,0 +1,151 @@
+"""Fixtures shared by the test modules: real files, real mappings.
+
+There is deliberately no tests/__init__.py: with pytest's default import
+mode the repository root stays off sys.path, so ``import msyncext`` finds
+the installed package (which has the compiled module), not the source
+folder beside this directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import mmap
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+import msyncext
+
+PAGE = msyncext.PAGESIZE
+SHM = Path("/dev/shm")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYS_CACHESTAT = 451  # the same on x86_64 and aarch64 (Linux 6.5+)
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "nr_cache",
+            "nr_dirty",
+            "nr_writeback",
+            "nr_evicted",
+            "nr_recently_evicted",
+        )
+    ]
+
+
+class PageState(NamedTuple):
+    cached: int
+    dirty: int
+    writeback: int
+
+
+def cachestat(fd: int, offset: int, length: int) -> PageState:
+    """The kernel's count of cached/dirty/under-write-back pages of a range."""
+    rng = _CachestatRange(offset, length)
+    out = _Cachestat()
+    if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(rng), ctypes.byref(out), 0):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return PageState(out.nr_cache, out.nr_dirty, out.nr_writeback)
+
+
+def _cachestat_available() -> str | None:
+    if not hasattr(os, "memfd_create"):
+        return "no memfd_create to probe cachestat(2)"
+    fd = os.memfd_create("probe")
+    try:
+        cachestat(fd, 0, 0)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSYS, errno.EPERM):
+            return f"cachestat(2) unavailable: {exc}"
+        raise
+    finally:
+        os.close(fd)
+    return None
+
+
+CACHESTAT_MISSING = _cachestat_available()
+needs_cachestat = pytest.mark.skipif(
+    CACHESTAT_MISSING is not None, reason=CACHESTAT_MISSING or ""
+)
+
+
+class MappedFile(NamedTuple):
+    path: Path
+    fd: int
+    map: mmap.mmap
+
+    def dirty_pages(self, *pages: int) -> None:
+        """Write a byte in each given page of the file through the map."""
+        for page in pages:
+            self.map[page * PAGE] = (self.map[page * PAGE] + 1) % 256
+
+    def page_dirty(self, page: int) -> bool:
+        """Whether the kernel still holds the given file page dirty."""
+        state = cachestat(self.fd, page * PAGE, PAGE)
+        return state.dirty + state.writeback > 0
+
+
+MapFactory = Callable[..., MappedFile]
+
+
+# The files are made sparse (ftruncate) and written only through the map, so
+# the page cache holds them in base pages. A file filled by write(2) may sit
+# in large folios (ext4 has them since Linux 6.16), and the kernel tracks
+# dirtiness and writes back by the folio: dirtying one byte then marks, and
+# msync of one page then cleans, every page of its folio. That is the
+# kernel's granularity, not msyncext's, and would hide which pages msyncext
+# asked for.
+def _map_factory(directory: Path) -> Iterator[MapFactory]:
+    made: list[MappedFile] = []
+
+    def make(
+        size: int = 64 * PAGE,
+        *,
+        access: int = mmap.ACCESS_DEFAULT,
+        offset: int = 0,
+        name: str | None = None,
+    ) -> MappedFile:
+        path = directory / (name or f"msyncext-test-{os.getpid()}-{len(made)}.bin")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(fd, size + offset)
+        os.fsync(fd)
+        m = mmap.mmap(fd, size, access=access, offset=offset)
+        made.append(MappedFile(path, fd, m))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for mapped in made:
+            # A test that kept an export alive cannot close its map; the
+            # descriptor and the file go all the same.
+            with contextlib.suppress(BufferError):
+                mapped.map.close()
+            os.close(mapped.fd)
+            mapped.path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def disk_map(tmp_path: Path) -> Iterator[MapFactory]:
+    """Maps of files on the disk that holds pytest's temporary directory."""
+    yield from _map_factory(tmp_path)
+
+
+@pytest.fixture
+def shm_map(tmp_path: Path) -> Iterator[MapFactory]:
+    """Maps of files on tmpfs (/dev/shm), falling back to the temp dir."""
+    directory = SHM if SHM.is_dir() and os.access(SHM, os.W_OK) else tmp_path
+    yield from _map_factory(directory)

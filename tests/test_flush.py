@@ -1,0 +1,504 @@
+"""msyncext.flush on every kind of buffer, with real files and mappings."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import PAGE, MapFactory, MappedFile, cachestat, needs_cachestat
+
+import msyncext
+
+SYNC, ASYNC, INVAL = msyncext.MS_SYNC, msyncext.MS_ASYNC, msyncext.MS_INVALIDATE
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def address_of(buf: Any) -> int:
+    """The address of a writable buffer's first byte (export released)."""
+    holder = ctypes.c_char.from_buffer(buf)
+    try:
+        return ctypes.addressof(holder)
+    finally:
+        del holder
+
+
+# --- constants -------------------------------------------------------------
+
+
+def test_constants_are_this_platforms() -> None:
+    assert msyncext.PAGESIZE == mmap.PAGESIZE
+    assert msyncext.PAGESIZE & (msyncext.PAGESIZE - 1) == 0
+    # <sys/mman.h> values (msync's flags are not in mmap before Python 3.15).
+    known = {"linux": (4, 1, 2), "darwin": (0x10, 1, 2), "freebsd": (0, 1, 2)}
+    platform = sys.platform.rstrip("0123456789")
+    if platform in known:
+        assert known[platform] == (SYNC, ASYNC, INVAL)
+    assert len({SYNC, ASYNC, INVAL}) == 3
+    assert isinstance(msyncext.__version__, str)
+    assert msyncext.__version__
+
+
+def test_public_names() -> None:
+    for name in msyncext.__all__:
+        assert hasattr(msyncext, name), name
+
+
+# --- every buffer kind ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "access",
+    [mmap.ACCESS_WRITE, mmap.ACCESS_DEFAULT, mmap.ACCESS_READ, mmap.ACCESS_COPY],
+)
+def test_every_access_mode(shm_map: MapFactory, access: int) -> None:
+    mapped = shm_map(8 * PAGE, access=access)
+    for flags in (SYNC, ASYNC, SYNC | INVAL, ASYNC | INVAL):
+        msyncext.flush(mapped.map, flags=flags)
+        msyncext.flush(mapped.map, 3, 5000, flags=flags)
+        msyncext.flush(mapped.map, 8 * PAGE - 1, 1, flags=flags)
+
+
+def test_anonymous_map() -> None:
+    with mmap.mmap(-1, 4 * PAGE) as m:
+        m[:5] = b"hello"
+        msyncext.flush(m)
+        msyncext.flush(m, 1, 2)
+        msyncext.flush(m, PAGE + 7, flags=ASYNC)
+
+
+def test_bytes_like_objects_outside_mappings_are_no_ops() -> None:
+    # msync of a private or anonymous page has nothing to write back.
+    msyncext.flush(bytearray(b"x" * 100), 10, 20)
+    msyncext.flush(b"read-only bytes")
+
+
+@needs_cachestat
+def test_map_with_file_offset(disk_map: MapFactory) -> None:
+    mapped = disk_map(8 * PAGE, offset=mmap.ALLOCATIONGRANULARITY)
+    file_page = mmap.ALLOCATIONGRANULARITY // PAGE
+    mapped.dirty_pages(2, 5)
+    msyncext.flush(mapped.map, 2 * PAGE + 10, 1)
+    assert not mapped.page_dirty(file_page + 2)
+    assert mapped.page_dirty(file_page + 5)
+
+
+@needs_cachestat
+def test_memoryview_slice_starting_inside_a_page(disk_map: MapFactory) -> None:
+    mapped = disk_map(16 * PAGE)
+    view = memoryview(mapped.map)[PAGE + 7 : 10 * PAGE]
+    try:
+        mapped.dirty_pages(1, 2, 9)
+        # view[PAGE - 7] is the first byte of file page 2.
+        msyncext.flush(view, PAGE - 7, 1)
+        assert mapped.page_dirty(1)
+        assert not mapped.page_dirty(2)
+        assert mapped.page_dirty(9)
+        msyncext.flush(view, 0, 1)
+        assert not mapped.page_dirty(1)
+        msyncext.flush(view)  # to its end: file page 9 is its last
+        assert not mapped.page_dirty(9)
+    finally:
+        view.release()
+
+
+@needs_cachestat
+def test_numpy_memmap_with_unaligned_offset(tmp_path: Path) -> None:
+    path = tmp_path / "array.bin"
+    # A sparse file, as the map fixtures make: see conftest on large folios.
+    with path.open("wb") as f:
+        f.truncate(100 + 8 * PAGE)
+    array = np.memmap(path, dtype=np.uint8, mode="r+", offset=100, shape=(8 * PAGE,))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+
+        def dirty(page: int) -> bool:
+            state = cachestat(fd, page * PAGE, PAGE)
+            return state.dirty + state.writeback > 0
+
+        array[PAGE - 100] = 1  # file page 1
+        array[5 * PAGE] = 1  # file page 5
+        assert dirty(1)
+        assert dirty(5)
+        msyncext.flush(array, PAGE - 100, 1)
+        assert not dirty(1)
+        assert dirty(5)
+        msyncext.flush(array)
+        assert not dirty(5)
+        # A typed view: offsets count bytes, not elements.
+        words = array.view(np.uint32)
+        words[PAGE // 4] = 7  # byte PAGE of the array, in file page 1
+        msyncext.flush(words, PAGE, 4)
+        assert not dirty(1)
+    finally:
+        os.close(fd)
+        del array
+
+
+def test_non_contiguous_buffer_is_refused(shm_map: MapFactory) -> None:
+    mapped = shm_map(4 * PAGE)
+    view = memoryview(mapped.map)[::2]
+    try:
+        with pytest.raises(BufferError):
+            msyncext.flush(view)
+    finally:
+        view.release()
+    mapped.map.close()  # no export left behind
+
+
+# --- exactly the covering pages ---------------------------------------------
+
+
+@needs_cachestat
+def test_unaligned_range_cleans_its_page_and_no_other(disk_map: MapFactory) -> None:
+    mapped = disk_map(64 * PAGE)
+    mapped.dirty_pages(3, 40)
+    assert mapped.page_dirty(3)
+    assert mapped.page_dirty(40)
+    msyncext.flush(mapped.map, 3 * PAGE + 123, 45)
+    assert not mapped.page_dirty(3)
+    assert mapped.page_dirty(40)
+
+
+@needs_cachestat
+def test_range_straddling_a_page_boundary_cleans_both(disk_map: MapFactory) -> None:
+    mapped = disk_map(16 * PAGE)
+    mapped.dirty_pages(4, 5, 6, 7)
+    msyncext.flush(mapped.map, 6 * PAGE - 5, 10)  # bytes in pages 5 and 6
+    assert mapped.page_dirty(4)
+    assert not mapped.page_dirty(5)
+    assert not mapped.page_dirty(6)
+    assert mapped.page_dirty(7)
+
+
+@needs_cachestat
+def test_range_ending_on_a_page_boundary_stops_there(disk_map: MapFactory) -> None:
+    mapped = disk_map(16 * PAGE)
+    mapped.dirty_pages(2, 3)
+    msyncext.flush(mapped.map, 2 * PAGE + 1, PAGE - 1)  # last byte is page 2's
+    assert not mapped.page_dirty(2)
+    assert mapped.page_dirty(3)
+
+
+@needs_cachestat
+def test_size_none_means_to_the_end(disk_map: MapFactory) -> None:
+    mapped = disk_map(16 * PAGE)
+    mapped.dirty_pages(0, 8, 15)
+    msyncext.flush(mapped.map, 8 * PAGE + 1)
+    assert mapped.page_dirty(0)
+    assert not mapped.page_dirty(8)
+    assert not mapped.page_dirty(15)
+    msyncext.flush(mapped.map)
+    assert not mapped.page_dirty(0)
+
+
+@needs_cachestat
+def test_ms_async_and_invalidate_are_accepted(disk_map: MapFactory) -> None:
+    mapped = disk_map(8 * PAGE)
+    mapped.dirty_pages(1)
+    msyncext.flush(mapped.map, PAGE, 1, flags=ASYNC | INVAL)
+    msyncext.flush(mapped.map, PAGE, 1, flags=SYNC | INVAL)
+    assert not mapped.page_dirty(1)
+
+
+# --- argument forms ---------------------------------------------------------
+
+
+@needs_cachestat
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        ((PAGE + 1, 2), {}),
+        ((PAGE + 1,), {"size": 2}),
+        ((), {"offset": PAGE + 1, "size": 2}),
+        ((PAGE + 1, 2), {"flags": SYNC}),
+        ((), {"size": 2, "offset": PAGE + 1, "flags": SYNC | INVAL}),
+        ((np.int64(PAGE + 1), np.uint16(2)), {"flags": np.int32(SYNC)}),
+    ],
+)
+def test_positional_and_keyword_calls(
+    disk_map: MapFactory, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    mapped = disk_map(4 * PAGE)
+    mapped.dirty_pages(1, 2)
+    msyncext.flush(mapped.map, *args, **kwargs)
+    assert not mapped.page_dirty(1)
+    assert mapped.page_dirty(2)
+
+
+def test_buf_by_keyword(shm_map: MapFactory) -> None:
+    mapped = shm_map(2 * PAGE)
+    msyncext.flush(buf=mapped.map, offset=1, size=1)
+
+
+def test_size_zero_makes_no_syscall(shm_map: MapFactory) -> None:
+    # MS_INVALIDATE over a locked page fails with EBUSY when msync runs, so a
+    # silent success with size=0 shows that no syscall was made.
+    mapped = shm_map(4 * PAGE)
+    address = address_of(mapped.map)
+    if _libc.mlock(ctypes.c_void_p(address), ctypes.c_size_t(PAGE)) != 0:
+        pytest.skip(f"mlock failed: {os.strerror(ctypes.get_errno())}")
+    try:
+        msyncext.flush(mapped.map, 10, 0, flags=SYNC | INVAL)
+        msyncext.flush(mapped.map, 4 * PAGE, None, flags=SYNC | INVAL)
+        with pytest.raises(OSError, match="busy") as info:
+            msyncext.flush(mapped.map, 10, 1, flags=SYNC | INVAL)
+        assert info.value.errno == errno.EBUSY
+    finally:
+        _libc.munlock(ctypes.c_void_p(address), ctypes.c_size_t(PAGE))
+
+
+def test_failed_msync_raises_oserror_naming_the_range(shm_map: MapFactory) -> None:
+    mapped = shm_map(4 * PAGE)
+    address = address_of(mapped.map)
+    if _libc.mlock(ctypes.c_void_p(address + PAGE), ctypes.c_size_t(PAGE)) != 0:
+        pytest.skip(f"mlock failed: {os.strerror(ctypes.get_errno())}")
+    try:
+        expected = re.escape(f"buffer bytes [{PAGE + 4}, {PAGE + 104})")
+        with pytest.raises(OSError, match=expected) as info:
+            msyncext.flush(mapped.map, PAGE + 4, 100, flags=ASYNC | INVAL)
+        assert info.value.errno == errno.EBUSY
+        assert os.strerror(errno.EBUSY) in str(info.value)
+        # Pages outside the locked one are not affected.
+        msyncext.flush(mapped.map, 0, PAGE, flags=SYNC | INVAL)
+        msyncext.flush(mapped.map, 2 * PAGE, flags=SYNC | INVAL)
+    finally:
+        _libc.munlock(ctypes.c_void_p(address + PAGE), ctypes.c_size_t(PAGE))
+    mapped.map.close()  # the failed call left no export behind
+
+
+# --- rejected input ---------------------------------------------------------
+
+BAD_CALLS: list[tuple[str, tuple[Any, ...], dict[str, Any], type[Exception], str]] = [
+    ("negative offset", (-1,), {}, ValueError, "offset -1 is negative"),
+    ("negative size", (0, -5), {}, ValueError, "size -5 is negative"),
+    ("offset past end", (8 * PAGE + 1,), {}, ValueError, f"offset {8 * PAGE + 1}"),
+    ("size past end", (10, 8 * PAGE), {}, ValueError, f"size {8 * PAGE} runs past"),
+    ("size past end by one", (0, 8 * PAGE + 1), {}, ValueError, "runs past the end"),
+    ("float offset", (1.0,), {}, TypeError, "offset must be an integer, not 1.0"),
+    ("str size", (0, "10"), {}, TypeError, "size must be an integer, not '10'"),
+    ("bool offset", (True,), {}, TypeError, "offset must be an integer, not True"),
+    ("huge offset", (2**64,), {}, OverflowError, str(2**64)),
+    ("huge negative size", (0, -(2**70)), {}, OverflowError, str(-(2**70))),
+    ("huge size", (0, 2**63), {}, OverflowError, str(2**63)),
+    (
+        "None flags",
+        (),
+        {"flags": None},
+        TypeError,
+        "flags must be an integer, not None",
+    ),
+    ("float flags", (), {"flags": float(SYNC)}, TypeError, "flags must be an integer"),
+    ("str flags", (), {"flags": "MS_SYNC"}, TypeError, "'MS_SYNC'"),
+    ("bool flags", (), {"flags": True}, TypeError, "not True"),
+    (
+        "sync and async",
+        (),
+        {"flags": SYNC | ASYNC},
+        ValueError,
+        f"flags {SYNC | ASYNC}",
+    ),
+    ("invalidate alone", (), {"flags": INVAL}, ValueError, f"flags {INVAL} is not"),
+    ("unknown bit", (), {"flags": SYNC | 0x100}, ValueError, f"flags {SYNC | 0x100}"),
+    ("negative flags", (), {"flags": -1}, ValueError, "flags -1 is not"),
+    ("huge flags", (), {"flags": 2**80}, ValueError, f"flags {2**80}"),
+    (
+        "unknown keyword",
+        (),
+        {"offst": 1},
+        TypeError,
+        "unexpected keyword argument 'offst'",
+    ),
+    (
+        "offset twice",
+        (1,),
+        {"offset": 1},
+        TypeError,
+        "multiple values for argument 'offset'",
+    ),
+    ("too many positional", (0, 1, SYNC), {}, TypeError, "from 1 to 3 positional"),
+]
+if SYNC | ASYNC != SYNC and SYNC != 0 and ASYNC != 0:
+    BAD_CALLS.append(
+        ("neither sync nor async", (), {"flags": 0}, ValueError, "flags 0 is not")
+    )
+
+
+@needs_cachestat
+@pytest.mark.parametrize(
+    ("args", "kwargs", "exc_type", "message"),
+    [case[1:] for case in BAD_CALLS],
+    ids=[case[0] for case in BAD_CALLS],
+)
+def test_bad_arguments_are_refused_before_any_syscall(
+    disk_map: MapFactory,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    exc_type: type[Exception],
+    message: str,
+) -> None:
+    mapped = disk_map(8 * PAGE)
+    mapped.dirty_pages(0, 7)
+    with pytest.raises(exc_type) as info:
+        msyncext.flush(mapped.map, *args, **kwargs)
+    assert message in str(info.value)
+    assert mapped.page_dirty(0)
+    assert mapped.page_dirty(7)
+    mapped.map.resize(9 * PAGE)  # no export was left behind
+    mapped.map.close()
+
+
+@pytest.mark.parametrize("obj", [None, 42, 1.5, "text", object(), [1, 2]])
+def test_object_without_a_buffer_is_a_type_error(obj: object) -> None:
+    with pytest.raises(TypeError, match="bytes-like object is required"):
+        msyncext.flush(obj)
+
+
+def test_missing_buffer_argument() -> None:
+    with pytest.raises(TypeError, match="missing required argument 'buf'"):
+        msyncext.flush()  # type: ignore[call-arg]
+
+
+def test_closed_mmap_is_a_value_error(shm_map: MapFactory) -> None:
+    mapped = shm_map(2 * PAGE)
+    mapped.map.close()
+    with pytest.raises(ValueError, match="closed"):
+        msyncext.flush(mapped.map)
+    with pytest.raises(ValueError, match="closed"):
+        msyncext.flush(mapped.map, 0, 0)
+
+
+def test_empty_buffer(shm_map: MapFactory) -> None:
+    msyncext.flush(bytearray())
+    msyncext.flush(bytearray(), 0, 0)
+    with pytest.raises(ValueError, match="offset 1 is past the end of a 0-byte"):
+        msyncext.flush(bytearray(), 1)
+
+
+# --- the export is held during the call, and only then -----------------------
+
+
+def _flush_while_closing(
+    mapped: MappedFile, action: str
+) -> tuple[int, BaseException | None]:
+    """Flush a large dirty map in one thread while this one tries ``action``.
+
+    Returns how many attempts were refused with BufferError while the flush
+    ran, and what the flushing thread raised, if anything.
+    """
+    mapped.map[:] = os.urandom(len(mapped.map))
+    started = threading.Event()
+    outcome: list[BaseException | None] = [None]
+
+    def flusher() -> None:
+        started.set()
+        try:
+            msyncext.flush(mapped.map)
+        except BaseException as exc:  # reported to the main thread
+            outcome[0] = exc
+
+    thread = threading.Thread(target=flusher)
+    thread.start()
+    started.wait()
+    refused = 0
+    while thread.is_alive():
+        try:
+            if action == "close":
+                mapped.map.close()
+            else:
+                mapped.map.resize(len(mapped.map) + PAGE)
+        except BufferError:
+            refused += 1
+            continue
+        except ValueError:
+            break  # closed or resized before the flush began
+        break
+    thread.join()
+    return refused, outcome[0]
+
+
+@pytest.mark.parametrize("action", ["close", "resize"])
+def test_close_and_resize_are_refused_during_a_flush(
+    disk_map: MapFactory, action: str
+) -> None:
+    overlapped = False
+    for _ in range(5):
+        mapped = disk_map(32 * 1024 * 1024 // PAGE * PAGE)
+        refused, error = _flush_while_closing(mapped, action)
+        if refused:
+            overlapped = True
+            assert error is None, error  # the flush itself succeeded
+        elif error is not None:
+            # The other thread won the race before flush took its export.
+            assert isinstance(error, ValueError), error
+        if overlapped:
+            break
+    assert overlapped, "no close/resize attempt ever overlapped a 32 MiB flush"
+    # After the flush no export is left: both operations work at once.
+    if not mapped.map.closed:
+        mapped.map.resize(len(mapped.map) + PAGE)
+        mapped.map.close()
+
+
+def test_export_released_after_success_and_error(shm_map: MapFactory) -> None:
+    mapped = shm_map(4 * PAGE)
+    msyncext.flush(mapped.map, 1, 2)
+    mapped.map.resize(5 * PAGE)
+    with pytest.raises(ValueError, match="runs past"):
+        msyncext.flush(mapped.map, 1, 10 * PAGE)
+    mapped.map.resize(6 * PAGE)
+    mapped.map.close()
+
+
+# --- the compiled module ----------------------------------------------------
+
+
+def test_tests_import_the_installed_package() -> None:
+    source_tree = Path(__file__).resolve().parent.parent / "msyncext"
+    package_dir = Path(msyncext.__file__).resolve().parent
+    assert package_dir != source_tree, (
+        f"tests imported the source folder {source_tree}, not the installation; "
+        "install the package and run `python -Im pytest tests`"
+    )
+    compiled = Path(msyncext._msync.__file__).resolve()
+    assert compiled.parent == package_dir
+    assert compiled.suffix == ".so"
+
+
+def test_module_imports_in_a_fresh_process_and_a_subinterpreter(tmp_path: Path) -> None:
+    script = tmp_path / "sub.py"
+    script.write_text(
+        "import _xxsubinterpreters as interpreters\n"
+        "import msyncext\n"
+        "code = ('import mmap, msyncext\\n'\n"
+        "        'm = mmap.mmap(-1, 8192)\\n'\n"
+        "        'msyncext.flush(m, 1, 2)\\n'\n"
+        "        'assert msyncext.PAGESIZE == mmap.PAGESIZE\\n'\n"
+        "        'm.close()\\n')\n"
+        "for _ in range(2):\n"
+        "    interp = interpreters.create()\n"
+        "    interpreters.run_string(interp, code)\n"
+        "    interpreters.destroy(interp)\n"
+        "exec(code)\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if "No module named '_xxsubinterpreters'" in result.stderr:
+        pytest.skip("this CPython has no _xxsubinterpreters")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
