@@ -308,6 +308,21 @@ typedef struct {
     size_t length;
 } page_run;
 
+static int
+list_item_to_ssize(PyObject *list, Py_ssize_t index, const char *what,
+                   Py_ssize_t *out)
+{
+    int rc;
+    PyObject *item = PyList_GetItem(list, index);
+    if (item == NULL)
+        return -1;
+    Py_INCREF(item);
+    rc = to_ssize(item, what, out);
+    Py_DECREF(item);
+    return rc;
+}
+
+
 /* Read the flat list [first, count, first, count, ...] of page runs,
  * relative to the page holding buf[0], into absolute spans; every run
  * must lie within the pages the buffer touches. */
@@ -342,13 +357,10 @@ runs_from_list(PyObject *list, const Py_buffer *view, Py_ssize_t pagesize,
     }
     for (i = 0; i < n / 2; i++) {
         Py_ssize_t first, count;
-        /* An item's __index__ may run Python code that shrinks the list:
-         * fetch each item afresh and check it. */
-        PyObject *item = PyList_GetItem(list, 2 * i);
-        if (item == NULL || to_ssize(item, "first page", &first) < 0)
-            goto error;
-        item = PyList_GetItem(list, 2 * i + 1);
-        if (item == NULL || to_ssize(item, "page count", &count) < 0)
+        /* An item's __index__ may run Python code that shrinks the list or
+         * drops the item: fetch each item afresh and own it while using it. */
+        if (list_item_to_ssize(list, 2 * i, "first page", &first) < 0
+            || list_item_to_ssize(list, 2 * i + 1, "page count", &count) < 0)
             goto error;
         if (count == 0 || first > total_pages
             || count > total_pages - first) {
