@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 #: Default ``max_gap`` of :func:`flush_ranges`, in bytes (see the README).
-DEFAULT_MAX_GAP = 256 * 1024
+DEFAULT_MAX_GAP = 1024 * 1024
 
 # Exactly one of MS_SYNC/MS_ASYNC, optionally with MS_INVALIDATE. Built from
 # the platform's values, never by bit tests: MS_SYNC is 0 on FreeBSD.
