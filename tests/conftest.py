@@ -9,77 +9,44 @@ folder beside this directory.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import mmap
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+from blockdev import cachestat, cachestat_unavailable
 
 import msyncext
 
 PAGE = msyncext.PAGESIZE
 SHM = Path("/dev/shm")
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_SYS_CACHESTAT = 451  # the same on x86_64 and aarch64 (Linux 6.5+)
-
-
-class _CachestatRange(ctypes.Structure):
-    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
-
-
-class _Cachestat(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_uint64)
-        for name in (
-            "nr_cache",
-            "nr_dirty",
-            "nr_writeback",
-            "nr_evicted",
-            "nr_recently_evicted",
-        )
-    ]
-
-
-class PageState(NamedTuple):
-    cached: int
-    dirty: int
-    writeback: int
-
-
-def cachestat(fd: int, offset: int, length: int) -> PageState:
-    """The kernel's count of cached/dirty/under-write-back pages of a range."""
-    rng = _CachestatRange(offset, length)
-    out = _Cachestat()
-    if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(rng), ctypes.byref(out), 0):
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return PageState(out.nr_cache, out.nr_dirty, out.nr_writeback)
-
-
-def _cachestat_available() -> str | None:
-    if not hasattr(os, "memfd_create"):
-        return "no memfd_create to probe cachestat(2)"
-    fd = os.memfd_create("probe")
-    try:
-        cachestat(fd, 0, 0)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSYS, errno.EPERM):
-            return f"cachestat(2) unavailable: {exc}"
-        raise
-    finally:
-        os.close(fd)
-    return None
-
-
-CACHESTAT_MISSING = _cachestat_available()
+# Probed on the directory the disk fixtures use: tmpfs, for one, keeps no
+# dirty-page accounting that cachestat(2) could report.
+CACHESTAT_MISSING = cachestat_unavailable(tempfile.gettempdir())
 needs_cachestat = pytest.mark.skipif(
     CACHESTAT_MISSING is not None, reason=CACHESTAT_MISSING or ""
 )
+
+
+class Index:
+    """An integer-like object that is not an int (it has __index__)."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
+
+
+class BadIndex:
+    """An integer-like object whose __index__ raises."""
+
+    def __index__(self) -> int:
+        raise ZeroDivisionError("from __index__")
 
 
 class MappedFile(NamedTuple):

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import PAGE, MapFactory, MappedFile, cachestat, needs_cachestat
+from blockdev import cachestat
+from conftest import PAGE, MapFactory, MappedFile, needs_cachestat
 
 import msyncext
 

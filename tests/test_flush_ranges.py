@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from blockdev import cachestat
 from conftest import PAGE, MapFactory, needs_cachestat
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -244,8 +245,6 @@ def test_numpy_memmap(tmp_path: Any) -> None:
     array = np.memmap(path, dtype=np.float64, mode="r+", offset=300)
     fd = os.open(path, os.O_RDONLY)
     try:
-        from conftest import cachestat
-
         array[:] = 1.0
         msyncext.flush_ranges(array, [(0, 8), (20 * PAGE, 8)], max_gap=0)
         assert cachestat(fd, 0, PAGE).dirty == 0

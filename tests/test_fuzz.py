@@ -21,6 +21,7 @@ from typing import Any
 import blockdev
 import numpy as np
 import pytest
+from conftest import BadIndex, Index
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,21 +35,6 @@ FUZZ = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-
-
-class Index:
-    """An integer-like object (it has __index__)."""
-
-    def __init__(self, value: int) -> None:
-        self.value = value
-
-    def __index__(self) -> int:
-        return self.value
-
-
-class BadIndex:
-    def __index__(self) -> int:
-        raise ZeroDivisionError("from __index__")
 
 
 VALID_FLAGS = [MS_SYNC, MS_ASYNC, MS_SYNC | MS_INVALIDATE, MS_ASYNC | MS_INVALIDATE]

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from conftest import BadIndex, Index
 
 import msyncext
 from msyncext import MS_ASYNC, MS_INVALIDATE, MS_SYNC, PAGESIZE, _msync
@@ -34,19 +35,6 @@ ROUNDS = int(os.environ.get("MSYNCEXT_LEAK_ROUNDS", "5000"))
 UNDER_VALGRIND = os.environ.get("MSYNCEXT_VALGRIND") == "1"
 NPAGES = 4
 SIZE = NPAGES * PAGESIZE
-
-
-class Index:
-    def __init__(self, value: int) -> None:
-        self.value = value
-
-    def __index__(self) -> int:
-        return self.value
-
-
-class BadIndex:
-    def __index__(self) -> int:
-        raise ZeroDivisionError("from __index__")
 
 
 @pytest.fixture
