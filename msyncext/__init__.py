@@ -36,6 +36,7 @@ __all__ = [
 #: Default ``max_gap`` of :func:`flush_ranges`, in bytes (see the README).
 DEFAULT_MAX_GAP = 1024 * 1024
 
+
 # Exactly one of MS_SYNC/MS_ASYNC, optionally with MS_INVALIDATE. Built from
 # the platform's values, never by bit tests: MS_SYNC is 0 on FreeBSD.
 _VALID_FLAGS = frozenset(
@@ -62,7 +63,7 @@ def flush_ranges(
     ranges: Iterable[tuple[int, int]],
     *,
     flags: int = MS_SYNC,
-    max_gap: int = DEFAULT_MAX_GAP,
+    max_gap: SupportsIndex = DEFAULT_MAX_GAP,
 ) -> int:
     """Write back the pages holding every ``(offset, size)`` pair of ``ranges``.
 
@@ -75,10 +76,11 @@ def flush_ranges(
     """
     if flags is not MS_SYNC:
         _check_flags(flags)
-    if isinstance(max_gap, bool) or not isinstance(max_gap, int) or max_gap < 0:
-        raise (ValueError if isinstance(max_gap, int) else TypeError)(
-            f"max_gap must be a non-negative integer, not {max_gap!r}"
-        )
+    if isinstance(max_gap, bool) or not isinstance(max_gap, SupportsIndex):
+        raise TypeError(f"max_gap must be a non-negative integer, not {max_gap!r}")
+    max_gap = operator.index(max_gap)
+    if max_gap < 0:
+        raise ValueError(f"max_gap must be a non-negative integer, not {max_gap!r}")
     # The memoryview holds the buffer export until the syscalls are done, so
     # the geometry the runs are computed from cannot change underneath.
     with memoryview(buf) as view:  # type: ignore[arg-type]

@@ -160,6 +160,8 @@ def test_bad_batch_flushes_nothing(
         ({"max_gap": -1}, ValueError, "max_gap must be a non-negative integer, not -1"),
         ({"max_gap": 1.5}, TypeError, "not 1.5"),
         ({"max_gap": None}, TypeError, "not None"),
+        ({"max_gap": True}, TypeError, "max_gap must be a non-negative integer"),
+        ({"max_gap": np.int64(-4)}, ValueError, "not -4"),
     ],
 )
 def test_bad_flags_and_max_gap(
@@ -253,6 +255,16 @@ def test_numpy_memmap(tmp_path: Any) -> None:
     finally:
         os.close(fd)
         del array
+
+
+@needs_cachestat
+def test_max_gap_takes_integer_like_objects(disk_map: MapFactory) -> None:
+    mapped = disk_map(16 * PAGE)
+    mapped.dirty_pages(2, 4)
+    pairs = [(2 * PAGE, 1), (4 * PAGE, 1)]
+    assert msyncext.flush_ranges(mapped.map, pairs, max_gap=np.int64(PAGE)) == 1
+    assert not mapped.page_dirty(2)
+    assert not mapped.page_dirty(4)
 
 
 def test_empty_batches_make_no_syscall(shm_map: MapFactory) -> None:
