@@ -14,8 +14,9 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import numpy as np
 import pytest
 from blockdev import cachestat, cachestat_unavailable
 
@@ -68,13 +69,33 @@ class MappedFile(NamedTuple):
 MapFactory = Callable[..., MappedFile]
 
 
-# The files are made sparse (ftruncate) and written only through the map, so
-# the page cache holds them in base pages. A file filled by write(2) may sit
-# in large folios (ext4 has them since Linux 6.16), and the kernel tracks
-# dirtiness and writes back by the folio: dirtying one byte then marks, and
-# msync of one page then cleans, every page of its folio. That is the
-# kernel's granularity, not msyncext's, and would hide which pages msyncext
-# asked for.
+# A file's page cache may be held in large folios (ext4 has them since Linux
+# 6.16), and the kernel tracks dirtiness and writes back by the folio:
+# dirtying one byte then marks, and msync of one page then cleans, every page
+# of its folio. That is the kernel's granularity, not msyncext's, and would
+# hide which pages msyncext asked for. So the files here are sparse (no
+# write(2) fills their cache) and their maps are read with MADV_RANDOM: with
+# no readahead, each fault brings in a folio of one page.
+def _no_readahead(m: mmap.mmap) -> None:
+    if hasattr(mmap, "MADV_RANDOM"):
+        m.madvise(mmap.MADV_RANDOM)
+
+
+def sparse_memmap(path: Path, nbytes: int, *, dtype: Any, offset: int) -> Any:
+    """A writable numpy.memmap of a new sparse file, read without readahead."""
+    with path.open("wb") as f:
+        f.truncate(offset + nbytes)
+    array = np.memmap(
+        path,
+        dtype=dtype,
+        mode="r+",
+        offset=offset,
+        shape=(nbytes // np.dtype(dtype).itemsize,),
+    )
+    _no_readahead(array._mmap)  # type: ignore[attr-defined]  # numpy keeps its mmap here
+    return array
+
+
 def _map_factory(directory: Path) -> Iterator[MapFactory]:
     made: list[MappedFile] = []
 
@@ -90,6 +111,7 @@ def _map_factory(directory: Path) -> Iterator[MapFactory]:
         os.ftruncate(fd, size + offset)
         os.fsync(fd)
         m = mmap.mmap(fd, size, access=access, offset=offset)
+        _no_readahead(m)
         made.append(MappedFile(path, fd, m))
         return made[-1]
 

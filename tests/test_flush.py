@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 from blockdev import cachestat
-from conftest import PAGE, MapFactory, MappedFile, needs_cachestat
+from conftest import PAGE, MapFactory, MappedFile, needs_cachestat, sparse_memmap
 
 import msyncext
 
@@ -115,10 +115,7 @@ def test_memoryview_slice_starting_inside_a_page(disk_map: MapFactory) -> None:
 @needs_cachestat
 def test_numpy_memmap_with_unaligned_offset(tmp_path: Path) -> None:
     path = tmp_path / "array.bin"
-    # A sparse file, as the map fixtures make: see conftest on large folios.
-    with path.open("wb") as f:
-        f.truncate(100 + 8 * PAGE)
-    array = np.memmap(path, dtype=np.uint8, mode="r+", offset=100, shape=(8 * PAGE,))
+    array = sparse_memmap(path, 8 * PAGE, dtype=np.uint8, offset=100)
     fd = os.open(path, os.O_RDONLY)
     try:
 

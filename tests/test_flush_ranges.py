@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 from blockdev import cachestat
-from conftest import PAGE, MapFactory, needs_cachestat
+from conftest import PAGE, MapFactory, needs_cachestat, sparse_memmap
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -242,9 +242,7 @@ def test_unaligned_buffer_and_generator_input(disk_map: MapFactory) -> None:
 @needs_cachestat
 def test_numpy_memmap(tmp_path: Any) -> None:
     path = tmp_path / "array.bin"
-    with path.open("wb") as f:
-        f.truncate(300 + 32 * PAGE)
-    array = np.memmap(path, dtype=np.float64, mode="r+", offset=300)
+    array = sparse_memmap(path, 32 * PAGE, dtype=np.float64, offset=300)
     fd = os.open(path, os.O_RDONLY)
     try:
         array[:] = 1.0
