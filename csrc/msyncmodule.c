@@ -418,7 +418,27 @@ pin_buffer(module_state *st, PyObject *obj, pinned *pin)
         goto error;
     if (owner != exporter && PyObject_CheckBuffer(owner)) {
         if (PyObject_GetBuffer(owner, &pin->owner, PyBUF_SIMPLE) == 0) {
+            uintptr_t lo = (uintptr_t)pin->owner.buf;
+            uintptr_t at = (uintptr_t)pin->view.buf;
             pin->has_owner = 1;
+            /* An array made over an mmap that was resized since points at
+             * memory the mmap no longer holds: never msync that. */
+            if (pin->view.len > 0
+                && (at < lo || at - lo > (uintptr_t)pin->owner.len
+                    || (uintptr_t)pin->view.len
+                           > (uintptr_t)pin->owner.len - (at - lo))) {
+                PyObject *tname = type_name(owner);
+                if (tname != NULL) {
+                    PyErr_Format(PyExc_ValueError,
+                                 "buf lies outside the memory of the %U it "
+                                 "was made from (was that resized?)", tname);
+                    Py_DECREF(tname);
+                }
+                Py_DECREF(owner);
+                PyBuffer_Release(&pin->owner);
+                pin->has_owner = 0;
+                goto error;
+            }
         }
         else if ((PyObject *)Py_TYPE(owner) == st->mmap_type) {
             /* A closed mmap under a NumPy array: its memory is gone. */

@@ -126,4 +126,3 @@ def flush_ranges(
     if flags is not MS_SYNC:
         flags = _checked_flags(flags)
     return _flush_batch(buf, ranges, flags, max_gap)
-
