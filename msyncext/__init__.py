@@ -72,11 +72,11 @@ class WritebackError(OSError):
 
     def __str__(self) -> str:
         return (
-            f"{super().__str__()}: write-back of this file failed, so data "
-            "written to it before the failure may not be on the device, and "
-            "msync would not say so again. Rewrite that data from your own "
-            "copy, then call msyncext.clear_writeback_error(buf) to flush "
-            "this file again."
+            f"{super().__str__()}: write-back of this file failed; data "
+            "written to it before the failure may be lost (the kernel reports "
+            "a failure only once, so a later msync would wrongly succeed). "
+            "Rewrite that data from your own copy, then call "
+            "msyncext.clear_writeback_error(buf) to flush this file again."
         )
 
 
