@@ -2,7 +2,7 @@
 
     python benchmarks/report.py RUN.json [RUN.json ...]            # print
     python benchmarks/report.py RUN.json ... --update README.md    # rewrite
-    python benchmarks/report.py RUN.json ... --check README.md     # CI
+    python benchmarks/report.py --check README.md     # CI: the runs it names
 
 The tables go between the README's bench-table markers. Per-call, batch and
 volume figures come from the first run with the GIL; the convoy and the log
@@ -17,7 +17,9 @@ import re
 import sys
 from typing import Any
 
-START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+# The start marker names the runs the tables were made from, for --check.
+START, END = "<!-- bench-table:start", "<!-- bench-table:end -->"
+BLOCK = re.compile(re.escape(START) + "(.*?)-->.*?" + re.escape(END), re.S)
 
 
 def t(ns: float) -> str:
@@ -149,12 +151,13 @@ def convoy_table(docs: list[dict[str, Any]]) -> list[str]:
         row(
             "build, switch interval",
             "flusher alone",
+            "convoy model",
             "msyncext: flusher beside CPU",
             "msyncext: CPU thread keeps",
             "`mmap.flush`: flusher beside CPU",
             "`mmap.flush`: CPU thread keeps",
         ),
-        row(*["---"] * 6),
+        row(*["---"] * 7),
     ]
     for doc in docs:
         b2 = doc["results"].get("B2")
@@ -163,6 +166,7 @@ def convoy_table(docs: list[dict[str, Any]]) -> list[str]:
         alone = f"{n(b2['flusher alone, msyncext.flush [flushes/s]'])}/s"
         for ms in ("5", "1", "0.1") if doc["machine"]["gil_enabled"] else ("5",):
             at = f"switch interval {ms} ms: "
+            model = b2.get(at + "convoy model 1/(interval + 1/alone) [flushes/s]")
             cells = [
                 f"{n(b2[at + f'flusher beside CPU, {c} [flushes/s]'])}/s"
                 f" | {b2[at + f'CPU thread beside {c} [% of alone]']:.0f} %"
@@ -173,7 +177,7 @@ def convoy_table(docs: list[dict[str, Any]]) -> list[str]:
                 if doc["machine"]["gil_enabled"]
                 else build(doc)
             )
-            out.append(row(label, alone, *cells))
+            out.append(row(label, alone, f"{n(model)}/s" if model else "-", *cells))
     return out
 
 
@@ -238,36 +242,36 @@ def render(docs: list[dict[str, Any]]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+", help="JSON files written by run.py --json")
+    ap.add_argument("runs", nargs="*", help="JSON files written by run.py --json")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--update", metavar="README", help="rewrite its tables")
     mode.add_argument("--check", metavar="README", help="exit 1 if they are stale")
     args = ap.parse_args()
+    readme = args.update or args.check
+    text = ""
+    if readme:
+        with open(readme, encoding="utf-8") as f:
+            text = f.read()
+        found = BLOCK.search(text)
+        if not found:
+            sys.exit(f"{readme} has no {START} ... {END} block")
+        args.runs = args.runs or found[1].split()  # the runs it was made from
+    if not args.runs:
+        ap.error("name the JSON files of the runs")
     docs = []
     for path in args.runs:
         with open(path, encoding="utf-8") as f:
             docs.append(json.load(f))
-    block = f"{START}\n{render(docs)}{END}"
-    path = args.update or args.check
-    if path is None:
+    block = f"{START} {' '.join(args.runs)} -->\n{render(docs)}{END}"
+    if not readme:
         print(block)
         return 0
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    if not pattern.search(text):
-        sys.exit(f"{path} has no {START} ... {END} block")
-    new = pattern.sub(lambda _: block, text)
+    new = BLOCK.sub(lambda _: block, text)
     if args.check:
         if new != text:
-            print(
-                f"{path}: the performance tables differ from {args.runs}; "
-                f"run report.py --update",
-                file=sys.stderr,
-            )
-            return 1
-        return 0
-    with open(path, "w", encoding="utf-8") as f:
+            print(f"{readme} is stale: run report.py --update", file=sys.stderr)
+        return int(new != text)
+    with open(readme, "w", encoding="utf-8") as f:
         f.write(new)
     return 0
 
