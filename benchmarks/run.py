@@ -122,7 +122,8 @@ def main() -> int:
         module = importlib.import_module(module_name)
         if args.worker and not getattr(module, "PYPERF", False):
             continue
-        print(f"{key} ...", file=sys.stderr, flush=True)
+        if not args.worker:
+            print(f"{key} ...", file=sys.stderr, flush=True)
         results[key] = module.run(ctx)
     if args.worker:
         return 0
