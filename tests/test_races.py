@@ -5,6 +5,10 @@ or a flush of unmapped memory kills one child and fails one test, with the
 child's output, instead of killing the run. The scenarios are plain
 functions of this module so that they are linted and type-checked.
 
+On a free-threaded build (with the GIL off) the threads really run at once,
+so the scenarios run several times as many rounds there: that is where a
+missing pin or an unsafe shared structure would show.
+
 "Never a flush of unmapped memory": while a flush holds the buffer export,
 close() and resize() fail with BufferError. Had one slipped through, the
 msync would have run on an unmapped range and raised OSError(ENOMEM), or
@@ -28,6 +32,17 @@ PAGE = mmap.PAGESIZE
 NPAGES = 64
 THREADS = 6
 SECONDS = 0.4  # per scenario round; bounded, enough for thousands of calls
+
+
+def _free_threaded() -> bool:
+    """Whether threads run in parallel here: a free-threaded build, GIL off."""
+    is_gil_enabled: Callable[[], bool] | None = getattr(sys, "_is_gil_enabled", None)
+    return is_gil_enabled is not None and not is_gil_enabled()
+
+
+# Rounds per scenario are multiplied by this where threads run in parallel;
+# each round stays bounded by SECONDS.
+ROUNDS_FACTOR = 3 if _free_threaded() else 1
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="the scenarios use Linux facts"
@@ -82,8 +97,8 @@ def _many_threads(directory: str) -> None:
     own = [_new_map(directory, f"own{i}") for i in range(THREADS)]
     calls = [0] * THREADS
 
-    def worker(index: int) -> Callable[[], None]:
-        rng = random.Random(index)
+    def worker(index: int, round_no: int) -> Callable[[], None]:
+        rng = random.Random(round_no * THREADS + index)
         mine = own[index][1]
         # Each thread writes only its own stripe of the shared map and checks
         # it; flushes cover other threads' stripes (overlapping) too.
@@ -115,7 +130,8 @@ def _many_threads(directory: str) -> None:
 
         return work
 
-    _run_threads([worker(i) for i in range(THREADS)])
+    for round_no in range(ROUNDS_FACTOR):
+        _run_threads([worker(i, round_no) for i in range(THREADS)])
     msyncext.flush(shared)
     for page in range(NPAGES):
         owner = page % THREADS
@@ -130,15 +146,17 @@ def _many_threads(directory: str) -> None:
     shared.close()
     os.close(shared_fd)
     assert min(calls) > 0, calls
-    print("calls", sum(calls))
+    print("rounds", ROUNDS_FACTOR, "calls", sum(calls))
 
 
 def _close_or_resize_against_flushes(directory: str, action: str) -> None:
     import msyncext
 
     refused = done = rounds = 0
-    # At least 4 rounds; more (bounded) until a refusal has been seen.
-    while rounds < 4 or (refused == 0 and rounds < 40):
+    # At least 4 rounds (more where threads run in parallel); more, bounded,
+    # until a refusal has been seen.
+    min_rounds = 4 * ROUNDS_FACTOR
+    while rounds < min_rounds or (refused == 0 and rounds < min_rounds + 36):
         round_no = rounds
         rounds += 1
         fd, m = _new_map(directory, f"victim{round_no}")
