@@ -51,7 +51,7 @@ def run(ctx: c.Context) -> c.Figures:
                 kinds["array"] = np.array(kinds["list"], dtype=np.int64)
             for kind, pairs in kinds.items():
                 times = []
-                for _ in range(max(2, 10**5 // n) if ctx.quick else max(3, 10**6 // n)):
+                for _ in range(max(5, 10**5 // n) if ctx.quick else max(9, 10**6 // n)):
                     t0 = time.perf_counter()
                     msyncext.flush_ranges(m, pairs, flags=ASYNC)
                     times.append(time.perf_counter() - t0)
