@@ -191,23 +191,35 @@ as_count(PyObject *obj, Py_ssize_t *out, PyObject **index)
     }
 }
 
-/* Replace the pending TypeError with one whose message starts with
- * prefix: an __index__ that returned a non-int names no argument. */
+/* An __index__ that returns a non-int raises a TypeError that names no
+ * argument: replace it with one that does, "what: ..." or, inside a batch,
+ * "ranges[3] = (...): what: ...". Other exceptions pass through. The
+ * exception is fetched first: no Python API may run with one pending. */
+static PyObject *pair_label(Py_ssize_t index, PyObject *pair);
+
 static void
-prefix_type_error(PyObject *prefix)
+reword_type_error(const char *what, Py_ssize_t index, PyObject *pair)
 {
-    PyObject *type, *value, *tb, *text;
+    PyObject *type, *value, *tb, *text, *label = NULL;
 
     if (!PyErr_ExceptionMatches(PyExc_TypeError))
         return;
     PyErr_Fetch(&type, &value, &tb);
     PyErr_NormalizeException(&type, &value, &tb);
-    text = value ? PyObject_Str(value) : NULL;
-    if (text == NULL) {
-        PyErr_Restore(type, value, tb);
+    text = value != NULL ? PyObject_Str(value) : NULL;
+    if (text != NULL && pair != NULL)
+        label = pair_label(index, pair);
+    if (text == NULL || (pair != NULL && label == NULL)) {
+        PyErr_Clear();
+        PyErr_Restore(type, value, tb);  /* keep the original */
+        Py_XDECREF(text);
         return;
     }
-    PyErr_Format(PyExc_TypeError, "%U: %U", prefix, text);
+    if (label != NULL)
+        PyErr_Format(PyExc_TypeError, "%U: %s: %U", label, what, text);
+    else
+        PyErr_Format(PyExc_TypeError, "%s: %U", what, text);
+    Py_XDECREF(label);
     Py_DECREF(text);
     Py_XDECREF(type);
     Py_XDECREF(value);
@@ -247,14 +259,9 @@ flush_count_arg(PyObject *obj, const char *what, Py_ssize_t *out)
                      "%s %R is past the end of any buffer", what, index);
         Py_DECREF(index);
         return -1;
-    default: {
-        PyObject *prefix = PyUnicode_FromString(what);
-        if (prefix != NULL) {
-            prefix_type_error(prefix);
-            Py_DECREF(prefix);
-        }
+    default:
+        reword_type_error(what, 0, NULL);
         return -1;
-    }
     }
 }
 
@@ -285,11 +292,7 @@ to_flags(PyObject *obj, int *out)
     }
     index = PyNumber_Index(obj);
     if (index == NULL) {
-        PyObject *prefix = PyUnicode_FromString("flags");
-        if (prefix != NULL) {
-            prefix_type_error(prefix);
-            Py_DECREF(prefix);
-        }
+        reword_type_error("flags", 0, NULL);
         return -1;
     }
     value = PyLong_AsLong(index);
@@ -364,10 +367,10 @@ explain_buffer_failure(PyObject *obj)
     if (!PyObject_CheckBuffer(obj)) {
         if (!PyErr_ExceptionMatches(PyExc_TypeError))
             return;
+        PyErr_Clear();
         tname = type_name(obj);
         if (tname == NULL)
             return;
-        PyErr_Clear();
         PyErr_Format(PyExc_TypeError,
                      "buf must be an object with the buffer protocol "
                      "(a bytes-like object such as mmap.mmap), not %U", tname);
@@ -1033,6 +1036,10 @@ pair_count(Py_ssize_t index, PyObject *pair, PyObject *obj, const char *what,
 
     if (rc == COUNT_OK)
         return 0;
+    if (rc == COUNT_ERROR) {
+        reword_type_error(what, index, pair);
+        return -1;
+    }
     label = pair_label(index, pair);
     if (label == NULL) {
         Py_XDECREF(index_obj);
@@ -1056,13 +1063,8 @@ pair_count(Py_ssize_t index, PyObject *pair, PyObject *obj, const char *what,
                      "%U: %s %R runs past the end of any buffer", label, what,
                      index_obj);
         break;
-    default: {
-        PyObject *prefix = PyUnicode_FromFormat("%U: %s", label, what);
-        if (prefix != NULL) {
-            prefix_type_error(prefix);
-            Py_DECREF(prefix);
-        }
-    }
+    default:
+        break;
     }
     Py_XDECREF(index_obj);
     Py_DECREF(label);
@@ -1347,11 +1349,7 @@ plan_batch(module_state *st, PyObject *const *args, Py_ssize_t nargs,
                              index ? index : args[3]);
             }
             else {
-                PyObject *prefix = PyUnicode_FromString("max_gap");
-                if (prefix != NULL) {
-                    prefix_type_error(prefix);
-                    Py_DECREF(prefix);
-                }
+                reword_type_error("max_gap", 0, NULL);
             }
             Py_XDECREF(index);
             return -1;
@@ -1683,18 +1681,21 @@ msync_free(void *module)
  * declare them when it runs on 3.12+, or isolated subinterpreters refuse
  * it. Their numbers and values are part of the stable ABI, so they are
  * given here and added at run time when Py_Version says the interpreter
- * knows them (3.11 rejects unknown slots). */
-#define SLOT_MULTIPLE_INTERPRETERS 3            /* Py_mod_multiple_interpreters */
-#define PER_INTERPRETER_GIL_SUPPORTED ((void *)2)
-#define SLOT_GIL 4                              /* Py_mod_gil */
-#define GIL_NOT_USED ((void *)1)
-
+ * knows them (3.11 rejects unknown slots). 3.15's headers give them new
+ * numbers, and 3.15 still accepts the old ones. */
 #if defined(Py_mod_multiple_interpreters)
-_Static_assert(Py_mod_multiple_interpreters == SLOT_MULTIPLE_INTERPRETERS,
-               "slot number changed");
+#define SLOT_MULTIPLE_INTERPRETERS Py_mod_multiple_interpreters
+#define PER_INTERPRETER_GIL_SUPPORTED Py_MOD_PER_INTERPRETER_GIL_SUPPORTED
+#else
+#define SLOT_MULTIPLE_INTERPRETERS 3  /* its stable-ABI number, from 3.12 */
+#define PER_INTERPRETER_GIL_SUPPORTED ((void *)2)
 #endif
 #if defined(Py_mod_gil)
-_Static_assert(Py_mod_gil == SLOT_GIL, "slot number changed");
+#define SLOT_GIL Py_mod_gil
+#define GIL_NOT_USED Py_MOD_GIL_NOT_USED
+#else
+#define SLOT_GIL 4  /* its stable-ABI number, from 3.13 */
+#define GIL_NOT_USED ((void *)1)
 #endif
 
 static PyModuleDef_Slot msync_slots[4] = {
