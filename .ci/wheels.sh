@@ -15,7 +15,9 @@
 # Usage: .ci/wheels.sh [--worktree]
 #   --worktree   take the working tree's tracked and untracked, not ignored,
 #                files instead of HEAD: try a change before committing it.
-# Environment: PYTHON (default python3), KEEP_WORK=1 keeps the temp directory.
+# Environment: PYTHON (default python3), KEEP_WORK=1 keeps the temp directory,
+# WHEELHOUSE_OUT=DIR copies the repaired (tested) wheel into DIR at the end,
+# for .ci/matrix.sh to test on the other Pythons without building it again.
 set -euo pipefail
 shopt -s nullglob
 
@@ -322,6 +324,12 @@ with tempfile.TemporaryFile() as f:
     assert os.pread(f.fileno(), 6, 0) == b"synced"
 print("sdist install: flushed one page with", m.__file__)
 ')
+
+if [[ -n ${WHEELHOUSE_OUT:-} ]]; then
+    mkdir -p "$WHEELHOUSE_OUT"
+    cp "$repaired" "$WHEELHOUSE_OUT/"
+    echo "wheels.sh: left $(basename "$repaired") in $WHEELHOUSE_OUT"
+fi
 
 step "summary"
 echo "sdist:          $(basename "$sdist")"
