@@ -63,7 +63,11 @@ run_logged "make -j$jobs" make -j"$jobs"
 run_logged "make install" make install DESTDIR="$scratch/stage"
 
 staged=$scratch/stage$prefix
-py=$(find "$staged/bin" -maxdepth 1 -name 'python3.*' -type f -perm -u+x | head -n 1)
+py=""
+for f in "$staged"/bin/python3.*; do
+    if [[ $f != *-config && -x $f && ! -L $f ]]; then py=$f; fi
+done
+[[ -n $py ]] || { echo "build-python.sh: no interpreter in $staged/bin" >&2; exit 1; }
 # Every module the test suite and pip need must have been built.
 LD_LIBRARY_PATH=$staged/lib "$py" -c 'import ssl, zlib, ctypes, bz2, lzma, sqlite3, mmap, venv, ensurepip'
 echo "$want" >"$staged/.msyncext-build"
