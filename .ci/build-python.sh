@@ -26,6 +26,10 @@ mkdir -p "$(dirname "$prefix")"
 prefix=$(realpath -m "$prefix")
 want="$(sha256sum "$tarball" | cut -d' ' -f1) ${configure_args[*]}"
 
+# One build per PREFIX at a time: a second caller waits, then finds it built.
+exec 9>"$prefix.lock"
+flock 9
+
 if [[ -e $prefix ]]; then
     if [[ $(cat "$prefix/.msyncext-build" 2>/dev/null) == "$want" ]]; then
         echo "build-python.sh: $prefix is already built from $(basename "$tarball")"
