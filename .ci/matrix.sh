@@ -23,6 +23,9 @@
 #   MSYNCEXT_CI_MIRROR  Debian mirror for the chroot (default: the host's apt
 #                       sources' first Debian archive)
 #   MATRIX_FAIL_AT      make the named step fail on purpose (tests the cleanup)
+#   MATRIX_ONLY         run only the steps whose names contain one of these
+#                       words, e.g. "chroot 3.15" (a partial run, for work on
+#                       the matrix itself; the others show as not run)
 #   KEEP_WORK=1         keep the scratch directory (never its mounts)
 set -euo pipefail
 shopt -s nullglob
@@ -94,9 +97,19 @@ trap 'echo "matrix.sh: terminated" >&2; exit 143' TERM
 
 # --- steps, timed ------------------------------------------------------------
 step_names=() step_secs=() step_rcs=()
+wanted() {  # does MATRIX_ONLY name this step? (the sources and the wheel always run)
+    local w
+    [[ $1 == sources || $1 == "abi3 wheel" ]] && return 0
+    for w in $MATRIX_ONLY; do [[ $1 == *"$w"* ]] && return 0; done
+    return 1
+}
 step() {  # name, command...: runs it, records its time and status, never exits
     local name=$1 t0=$SECONDS rc=0
     shift
+    if [[ -n ${MATRIX_ONLY:-} ]] && ! wanted "$name"; then
+        echo "matrix.sh: skipping step '$name' (MATRIX_ONLY)"
+        return 0
+    fi
     log "$name"
     if [[ ${MATRIX_FAIL_AT:-} == "$name" ]]; then
         echo "matrix.sh: failing step '$name' on purpose (MATRIX_FAIL_AT)" >&2
@@ -288,12 +301,13 @@ summary() {
     local label dir line rc secs rest kv i
     for label in "${labels[@]}"; do
         dir=$(run_dir "$label")
-        line=$(cat "$dir/result" 2>/dev/null || echo "$label 1 0 error=not-run")
+        line=$(cat "$dir/result" 2>/dev/null || echo "$label not-run 0")
         read -r _ rc secs rest <<<"$line"
         declare -A c=([passed]=- [failed]=- [skipped]=- [error]=- [wheel]=-)
         for kv in $rest; do c[${kv%%=*}]=${kv#*=}; done
         printf '%-9s %-6s %6s %6s %7s %6s %6s  %s\n' "$label" \
-            "$([[ $rc == 0 ]] && echo ok || echo FAIL)" "${c[passed]}" "${c[failed]}" \
+            "$(case $rc in 0) echo ok ;; not-run) echo "-" ;; *) echo FAIL ;; esac)" \
+            "${c[passed]}" "${c[failed]}" \
             "${c[skipped]}" "${c[error]}" "$secs" "${c[wheel]}"
         unset c
     done
