@@ -1,6 +1,11 @@
 """Declares the C extension; metadata lives in pyproject.toml.
 
-MSYNCEXT_DEBUG=1 builds with -O0 -g3 for valgrind and gdb.
+Environment:
+  MSYNCEXT_DEBUG=1   build with -O0 -g3 for valgrind and gdb;
+  MSYNCEXT_WERROR=1  make compiler warnings errors (CI and development set
+                     it; a user's newer compiler must not fail their build).
+The extension is always recompiled, so switching MSYNCEXT_DEBUG never
+reuses an object file built in the other mode from build/.
 """
 
 import os
@@ -8,6 +13,7 @@ import sys
 import sysconfig
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 if sys.platform == "win32":
     sys.exit(
@@ -19,12 +25,26 @@ if sys.platform == "win32":
 # version-specific wheel, every GIL build shares one cp311-abi3 wheel.
 FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 DEBUG = os.environ.get("MSYNCEXT_DEBUG", "") == "1"
+WERROR = os.environ.get("MSYNCEXT_WERROR", "") == "1"
 
-compile_args = ["-Wall", "-Wextra", "-Werror", "-std=c11"]
+compile_args = ["-Wall", "-Wextra", "-std=c11"]
+if WERROR:
+    compile_args.append("-Werror")
 if DEBUG:
     compile_args += ["-O0", "-g3"]
 
-define_macros = [] if FREE_THREADED else [("Py_LIMITED_API", "0x030B0000")]
+define_macros = [("MSYNCEXT_BUILD_MODE", '"debug"' if DEBUG else '"release"')]
+if not FREE_THREADED:
+    define_macros.append(("Py_LIMITED_API", "0x030B0000"))
+
+
+class always_build_ext(build_ext):
+    """build_ext that never trusts an object left in build/ by another mode."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        self.force = True
+
 
 setup(
     ext_modules=[
@@ -36,5 +56,6 @@ setup(
             py_limited_api=not FREE_THREADED,
         )
     ],
+    cmdclass={"build_ext": always_build_ext},
     options={} if FREE_THREADED else {"bdist_wheel": {"py_limited_api": "cp311"}},
 )

@@ -2,25 +2,43 @@
 
 ``flush`` writes the pages holding a byte range of an ``mmap.mmap``, a
 memoryview slice of one or a ``numpy.memmap`` back to the file, with the
-GIL released for the syscall.
+GIL released for the syscall; ``flush_ranges`` does the same for many
+ranges of one buffer in one call.
 
 ``flush`` is the compiled function itself: a Python wrapper around it
-measured ~100 ns on a ~330 ns call (30 %), so the single-range path parses
-and checks its arguments in C. The batched path lives in this module.
+measured ~100 ns on a ~330 ns call (30 %). ``flush_ranges`` checks its
+options here; the per-pair work (checking, sorting and merging a million
+pairs) is done in C, because Python could not meet its time and memory
+targets (see the README).
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
-from typing import SupportsIndex
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, SupportsIndex
 
-from msyncext._msync import MS_ASYNC, MS_INVALIDATE, MS_SYNC, PAGESIZE, flush
-from msyncext._msync import flush_runs as _flush_runs
-from msyncext._msync import page_offset as _page_offset
-from msyncext._ranges import covering_runs as _covering_runs
+from msyncext._msync import (
+    MS_ASYNC,
+    MS_INVALIDATE,
+    MS_SYNC,
+    PAGESIZE,
+    _set_writeback_error,
+    clear_writeback_error,
+    flush,
+)
+from msyncext._msync import VALID_FLAGS as _VALID_FLAGS_TUPLE
+from msyncext._msync import flush_batch as _flush_batch
 
-__version__ = "0.1.0.dev0"
+if TYPE_CHECKING:
+    import sys
+
+    if sys.version_info >= (3, 12):
+        from collections.abc import Buffer
+    else:
+        from typing_extensions import Buffer
+
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "DEFAULT_MAX_GAP",
@@ -28,7 +46,10 @@ __all__ = [
     "MS_INVALIDATE",
     "MS_SYNC",
     "PAGESIZE",
+    "VALID_FLAGS",
+    "WritebackError",
     "__version__",
+    "clear_writeback_error",
     "flush",
     "flush_ranges",
 ]
@@ -36,59 +57,73 @@ __all__ = [
 #: Default ``max_gap`` of :func:`flush_ranges`, in bytes (see the README).
 DEFAULT_MAX_GAP = 1024 * 1024
 
+#: Every ``flags`` value this platform's msync accepts: exactly one of
+#: MS_SYNC and MS_ASYNC, optionally with MS_INVALIDATE, less what the
+#: kernel refuses (FreeBSD: MS_ASYNC | MS_INVALIDATE). The C checks use
+#: the same table.
+VALID_FLAGS: frozenset[int] = frozenset(_VALID_FLAGS_TUPLE)
 
-# Exactly one of MS_SYNC/MS_ASYNC, optionally with MS_INVALIDATE. Built from
-# the platform's values, never by bit tests: MS_SYNC is 0 on FreeBSD.
-_VALID_FLAGS = frozenset(
-    (MS_SYNC, MS_ASYNC, MS_SYNC | MS_INVALIDATE, MS_ASYNC | MS_INVALIDATE)
-)
+
+class WritebackError(OSError):
+    """Write-back of a file failed; data written to it may be lost.
+
+    Raised by the flush that sees the failure and, from then on, by every
+    flush of a mapping of that file that existed in this process then,
+    until :func:`clear_writeback_error` is called for the file. ``errno``
+    is the first failure's.
+    """
+
+    def __str__(self) -> str:
+        return (
+            f"{super().__str__()}: write-back of this file failed, so data "
+            "written to it before the failure may not be on the device, and "
+            "msync would not say so again. Rewrite that data from your own "
+            "copy, then call msyncext.clear_writeback_error(buf) to flush "
+            "this file again."
+        )
 
 
-def _check_flags(flags: object) -> None:
-    """Raise TypeError or ValueError, naming ``flags``, unless it is valid."""
-    if isinstance(flags, bool) or not isinstance(flags, SupportsIndex):
+_set_writeback_error(WritebackError)
+
+
+def _checked_flags(flags: object) -> int:
+    """``flags`` as an int, or TypeError/ValueError naming it."""
+    if isinstance(flags, bool) or not hasattr(type(flags), "__index__"):
         raise TypeError(
             f"flags must be an integer, not {flags!r} ({type(flags).__name__})"
         )
-    value = operator.index(flags)
-    if value not in _VALID_FLAGS:
-        raise ValueError(
-            f"flags {flags!r} is not MS_SYNC ({MS_SYNC}) or MS_ASYNC "
-            f"({MS_ASYNC}), optionally OR-ed with MS_INVALIDATE ({MS_INVALIDATE})"
-        )
+    value = operator.index(flags)  # type: ignore[arg-type]
+    if value not in VALID_FLAGS:
+        names = {
+            MS_SYNC: "MS_SYNC",
+            MS_ASYNC: "MS_ASYNC",
+            MS_SYNC | MS_INVALIDATE: "MS_SYNC | MS_INVALIDATE",
+            MS_ASYNC | MS_INVALIDATE: "MS_ASYNC | MS_INVALIDATE",
+        }
+        allowed = ", ".join(f"{names[v]} ({v})" for v in _VALID_FLAGS_TUPLE)
+        raise ValueError(f"flags {flags!r} is not one this platform accepts: {allowed}")
+    return value
 
 
 def flush_ranges(
-    buf: object,
-    ranges: Iterable[tuple[int, int]],
+    buf: Buffer,
+    ranges: Iterable[Sequence[SupportsIndex]] | Buffer,
     *,
-    flags: int = MS_SYNC,
+    flags: SupportsIndex = MS_SYNC,
     max_gap: SupportsIndex = DEFAULT_MAX_GAP,
 ) -> int:
     """Write back the pages holding every ``(offset, size)`` pair of ``ranges``.
 
-    All pairs are checked before any syscall. Their covering pages are
-    sorted and merged into runs (runs at most ``max_gap`` bytes apart merge
-    too, which also writes back dirty pages in the gap but saves a syscall
-    and, on most filesystems, a device cache flush per run); the runs are
-    synced in one call with the GIL released once. Returns the number of
-    msync(2) calls made.
+    ``ranges`` is any iterable of pairs, or an (n, 2) integer array. All
+    pairs are checked before any syscall. Their covering pages are sorted
+    and merged into runs: runs that overlap or touch always merge, and runs
+    at most ``max_gap`` bytes apart merge too (not with MS_INVALIDATE),
+    which also writes back dirty pages in the gap but saves a syscall and,
+    on most filesystems, a device cache flush per run. The runs are synced
+    with the GIL released, taken back every 20 ms for signal handlers.
+    Returns the number of msync(2) calls made.
     """
     if flags is not MS_SYNC:
-        _check_flags(flags)
-    if isinstance(max_gap, bool) or not isinstance(max_gap, SupportsIndex):
-        raise TypeError(f"max_gap must be a non-negative integer, not {max_gap!r}")
-    max_gap = operator.index(max_gap)
-    if max_gap < 0:
-        raise ValueError(f"max_gap must be a non-negative integer, not {max_gap!r}")
-    # The memoryview holds the buffer export until the syscalls are done, so
-    # the geometry the runs are computed from cannot change underneath.
-    with memoryview(buf) as view:  # type: ignore[arg-type]
-        runs = _covering_runs(
-            ranges,
-            nbytes=view.nbytes,
-            head=_page_offset(view),
-            pagesize=PAGESIZE,
-            max_gap=max_gap,
-        )
-        return _flush_runs(view, runs, flags)
+        flags = _checked_flags(flags)
+    return _flush_batch(buf, ranges, flags, max_gap)
+
