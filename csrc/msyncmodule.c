@@ -418,7 +418,27 @@ pin_buffer(module_state *st, PyObject *obj, pinned *pin)
         goto error;
     if (owner != exporter && PyObject_CheckBuffer(owner)) {
         if (PyObject_GetBuffer(owner, &pin->owner, PyBUF_SIMPLE) == 0) {
+            uintptr_t lo = (uintptr_t)pin->owner.buf;
+            uintptr_t at = (uintptr_t)pin->view.buf;
             pin->has_owner = 1;
+            /* An array made over an mmap that was resized since points at
+             * memory the mmap no longer holds: never msync that. */
+            if (pin->view.len > 0
+                && (at < lo || at - lo > (uintptr_t)pin->owner.len
+                    || (uintptr_t)pin->view.len
+                           > (uintptr_t)pin->owner.len - (at - lo))) {
+                PyObject *tname = type_name(owner);
+                if (tname != NULL) {
+                    PyErr_Format(PyExc_ValueError,
+                                 "buf lies outside the memory of the %U it "
+                                 "was made from (was that resized?)", tname);
+                    Py_DECREF(tname);
+                }
+                Py_DECREF(owner);
+                PyBuffer_Release(&pin->owner);
+                pin->has_owner = 0;
+                goto error;
+            }
         }
         else if ((PyObject *)Py_TYPE(owner) == st->mmap_type) {
             /* A closed mmap under a NumPy array: its memory is gone. */
@@ -475,7 +495,11 @@ typedef struct {
 } wb_failure;
 
 static pthread_mutex_t wb_lock = PTHREAD_MUTEX_INITIALIZER;
-static int wb_count;    /* failures recorded; read without the lock */
+/* Failures recorded plus failures being recorded; read without the lock.
+ * A failure counts from the moment its msync returns, so that another
+ * thread whose msync of the same file returned 0 (the kernel reports each
+ * failure once) waits on wb_lock for the record instead of succeeding. */
+static int wb_count;
 static wb_failure *wb_list;
 static size_t wb_len;
 
@@ -610,7 +634,7 @@ wb_drop(size_t index)
     free(wb_list[index].maps);
     wb_list[index] = wb_list[wb_len - 1];
     wb_len--;
-    __atomic_store_n(&wb_count, (int)wb_len, __ATOMIC_RELEASE);
+    __atomic_sub_fetch(&wb_count, 1, __ATOMIC_ACQ_REL);
 }
 
 /* Whether [lo, hi) lies in a mapping of a file whose write-back failed;
@@ -655,8 +679,9 @@ wb_check(uintptr_t lo, uintptr_t hi, int *err)
     return hit;
 }
 
-/* Record a write-back failure seen by msync over [lo, hi). Returns the
- * errno to report: the first one recorded for that file. No GIL needed. */
+/* Record a write-back failure seen by msync over [lo, hi); the caller has
+ * already counted it in wb_count. Returns the errno to report: the first
+ * one recorded for that file. No GIL needed. */
 static int
 wb_record(uintptr_t lo, uintptr_t hi, int err)
 {
@@ -678,6 +703,7 @@ wb_record(uintptr_t lo, uintptr_t hi, int err)
                 wb_list[i].maps = q.maps;
                 wb_list[i].nmaps = q.n;
                 err = wb_list[i].err;
+                __atomic_sub_fetch(&wb_count, 1, __ATOMIC_ACQ_REL);
                 pthread_mutex_unlock(&wb_lock);
                 return err;
             }
@@ -706,10 +732,10 @@ wb_record(uintptr_t lo, uintptr_t hi, int err)
         f->maps = q.maps;
         f->nmaps = q.maps != NULL ? q.n : 0;
         wb_len++;
-        __atomic_store_n(&wb_count, (int)wb_len, __ATOMIC_RELEASE);
     }
     else {
         free(q.maps);  /* out of memory: this call still raises */
+        __atomic_sub_fetch(&wb_count, 1, __ATOMIC_ACQ_REL);
     }
     pthread_mutex_unlock(&wb_lock);
     return err;
@@ -770,6 +796,7 @@ sync_span(char *start, size_t length, int flags, int *err)
         *err = errno;
         if (!is_writeback_errno(*err))
             return SYNC_FAILED;
+        __atomic_add_fetch(&wb_count, 1, __ATOMIC_ACQ_REL);
         *err = wb_record(lo, hi, *err);
         return SYNC_WRITEBACK;
     }

@@ -15,7 +15,7 @@ targets (see the README).
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, SupportsIndex
 
 from msyncext._msync import (
@@ -31,12 +31,9 @@ from msyncext._msync import VALID_FLAGS as _VALID_FLAGS_TUPLE
 from msyncext._msync import flush_batch as _flush_batch
 
 if TYPE_CHECKING:
-    import sys
-
-    if sys.version_info >= (3, 12):
-        from collections.abc import Buffer
-    else:
-        from typing_extensions import Buffer
+    # Type-check time only: typing_extensions, which the stub imports for
+    # Buffer on 3.11, is not a runtime dependency.
+    from msyncext._msync import _BufferLike
 
 __version__ = "0.2.0.dev0"
 
@@ -75,11 +72,11 @@ class WritebackError(OSError):
 
     def __str__(self) -> str:
         return (
-            f"{super().__str__()}: write-back of this file failed, so data "
-            "written to it before the failure may not be on the device, and "
-            "msync would not say so again. Rewrite that data from your own "
-            "copy, then call msyncext.clear_writeback_error(buf) to flush "
-            "this file again."
+            f"{super().__str__()}: write-back of this file failed; data "
+            "written to it before the failure may be lost (the kernel reports "
+            "a failure only once, so a later msync would wrongly succeed). "
+            "Rewrite that data from your own copy, then call "
+            "msyncext.clear_writeback_error(buf) to flush this file again."
         )
 
 
@@ -106,8 +103,8 @@ def _checked_flags(flags: object) -> int:
 
 
 def flush_ranges(
-    buf: Buffer,
-    ranges: Iterable[Sequence[SupportsIndex]] | Buffer,
+    buf: _BufferLike,
+    ranges: Iterable[Iterable[SupportsIndex]] | _BufferLike,
     *,
     flags: SupportsIndex = MS_SYNC,
     max_gap: SupportsIndex = DEFAULT_MAX_GAP,
@@ -126,4 +123,3 @@ def flush_ranges(
     if flags is not MS_SYNC:
         flags = _checked_flags(flags)
     return _flush_batch(buf, ranges, flags, max_gap)
-

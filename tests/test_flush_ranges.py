@@ -5,8 +5,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import itertools
+import mmap
 import os
 import re
+import signal
+import time
 from typing import Any
 
 import numpy as np
@@ -17,79 +20,133 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import msyncext
-from msyncext._ranges import covering_runs
+from msyncext import _msync
 
 SYNC, ASYNC, INVAL = msyncext.MS_SYNC, msyncext.MS_ASYNC, msyncext.MS_INVALIDATE
 
 
 # --- the range arithmetic, against a brute-force model ------------------------
+#
+# The C side turns pairs into runs; _msync.batch_runs returns the runs it
+# would msync (first page, page count), counted from the page holding
+# buf[0], without a syscall. Buffers start at every offset within a page:
+# memoryview slices of one anonymous map.
+
+_ARENA = mmap.mmap(-1, 48 * PAGE)
 
 
-def _touched_pages(pairs: list[tuple[int, int]], head: int, pagesize: int) -> set[int]:
+def _touched_pages(pairs: list[tuple[int, int]], head: int) -> set[int]:
     pages: set[int] = set()
     for offset, size in pairs:
         for byte in range(head + offset, head + offset + size):
-            pages.add(byte // pagesize)
+            pages.add(byte // PAGE)
     return pages
 
 
 @st.composite
-def _batches(draw: st.DrawFn) -> tuple[int, int, int, list[tuple[int, int]], int]:
-    pagesize = draw(st.sampled_from([16, 64, 4096]))
-    head = draw(st.integers(0, pagesize - 1))
-    nbytes = draw(st.integers(0, 40 * pagesize))
+def _batches(
+    draw: st.DrawFn,
+) -> tuple[int, int, list[tuple[int, int]], int, int]:
+    head = draw(st.sampled_from([0, 1, 7, PAGE // 2, PAGE - 1]))
+    nbytes = draw(st.integers(0, 40 * PAGE))
     pairs = []
     for _ in range(draw(st.integers(0, 12))):
         offset = draw(st.integers(0, nbytes))
         pairs.append((offset, draw(st.integers(0, nbytes - offset))))
-    max_gap = draw(st.sampled_from([0, 1, pagesize - 1, pagesize, 3 * pagesize, 10**9]))
-    return pagesize, head, nbytes, pairs, max_gap
+    max_gap = draw(st.sampled_from([0, 1, PAGE - 1, PAGE, 3 * PAGE, 10**9]))
+    flags = draw(st.sampled_from(sorted(msyncext.VALID_FLAGS)))
+    return head, nbytes, pairs, max_gap, flags
+
+
+def _runs(
+    head: int, nbytes: int, pairs: Any, max_gap: int, flags: int = SYNC
+) -> list[tuple[int, int]]:
+    with memoryview(_ARENA)[head : head + nbytes] as view:
+        assert _msync.page_offset(view) == head
+        return _msync.batch_runs(view, pairs, flags, max_gap)
 
 
 @settings(max_examples=400, deadline=None)
 @given(_batches())
 def test_runs_cover_exactly_the_touched_pages_plus_small_gaps(
-    batch: tuple[int, int, int, list[tuple[int, int]], int],
+    batch: tuple[int, int, list[tuple[int, int]], int, int],
 ) -> None:
-    pagesize, head, nbytes, pairs, max_gap = batch
-    runs = covering_runs(
-        pairs, nbytes=nbytes, head=head, pagesize=pagesize, max_gap=max_gap
-    )
-    assert len(runs) % 2 == 0
-    spans = [(runs[i], runs[i] + runs[i + 1] - 1) for i in range(0, len(runs), 2)]
-    touched = _touched_pages(pairs, head, pagesize)
+    head, nbytes, pairs, max_gap, flags = batch
+    runs = _runs(head, nbytes, pairs, max_gap, flags)
+    spans = [(first, first + count - 1) for first, count in runs]
+    touched = _touched_pages(pairs, head)
     covered = {page for lo, hi in spans for page in range(lo, hi + 1)}
+    # MS_INVALIDATE must not reach pages nobody named: no gap merging.
+    gap = 0 if flags in (SYNC | INVAL, ASYNC | INVAL) else max_gap
 
     # Every touched page is covered: every byte asked for is written back.
     assert touched <= covered
     # Runs are sorted, non-empty, disjoint and not adjacent.
     for (lo, hi), (next_lo, _) in itertools.pairwise(spans):
         assert lo <= hi
-        gap_bytes = (next_lo - hi - 1) * pagesize
-        assert gap_bytes > max_gap, "runs this close should have merged"
+        assert next_lo > hi + 1, "touching runs should have merged"
+        assert (next_lo - hi - 1) * PAGE > gap, "runs this close should have merged"
     # Every run starts and ends on a touched page, and its untouched pages
-    # come in gaps no longer than max_gap.
+    # come in gaps no longer than the allowed gap.
     for lo, hi in spans:
         assert lo in touched
         assert hi in touched
         inside = sorted(page for page in touched if lo <= page <= hi)
         for a, b in itertools.pairwise(inside):
-            assert (b - a - 1) * pagesize <= max_gap
+            assert (b - a - 1) * PAGE <= gap
     # No run goes past the pages the buffer touches.
     if covered:
-        assert max(covered) <= (head + nbytes - 1) // pagesize
+        assert max(covered) <= (head + nbytes - 1) // PAGE
 
 
 def test_runs_merge_overlapping_adjacent_and_near_pairs() -> None:
     pairs = [(10 * PAGE, 1), (0, 1), (PAGE - 1, 2), (3 * PAGE, PAGE), (4 * PAGE, 5)]
-    kwargs: dict[str, Any] = {"nbytes": 64 * PAGE, "head": 0, "pagesize": PAGE}
-    assert covering_runs(pairs, max_gap=0, **kwargs) == [0, 2, 3, 2, 10, 1]
-    assert covering_runs(pairs, max_gap=PAGE, **kwargs) == [0, 5, 10, 1]
-    assert covering_runs(pairs, max_gap=5 * PAGE, **kwargs) == [0, 11]
+    assert _runs(0, 40 * PAGE, pairs, 0) == [(0, 2), (3, 2), (10, 1)]
+    assert _runs(0, 40 * PAGE, pairs, PAGE) == [(0, 5), (10, 1)]
+    assert _runs(0, 40 * PAGE, pairs, 5 * PAGE) == [(0, 11)]
+    # With MS_INVALIDATE only overlapping or touching pages merge.
+    assert _runs(0, 40 * PAGE, pairs, 5 * PAGE, SYNC | INVAL) == [
+        (0, 2),
+        (3, 2),
+        (10, 1),
+    ]
     # The same bytes 100 bytes into a page: (PAGE - 1, 2) now stays in page 0.
-    shifted = {**kwargs, "head": 100}
-    assert covering_runs([(PAGE - 200, 2)], max_gap=0, **shifted) == [0, 1]
-    assert covering_runs([(PAGE - 101, 2)], max_gap=0, **shifted) == [0, 2]
+    assert _runs(100, 40 * PAGE, [(PAGE - 200, 2)], 0) == [(0, 1)]
+    assert _runs(100, 40 * PAGE, [(PAGE - 101, 2)], 0) == [(0, 2)]
+
+
+@pytest.mark.parametrize(
+    "dtype", ["int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64"]
+)
+def test_an_n_by_2_integer_array_gives_the_runs_of_a_list(dtype: str) -> None:
+    pairs = [(0, 1), (100, 3), (50, 0), (126, 1), (2, 2)]
+    if np.iinfo(dtype).max >= 3 * PAGE:
+        pairs += [(3 * PAGE, 2), (PAGE + 5, PAGE)]
+    expected = _runs(0, 40 * PAGE, pairs, 0)
+    array = np.array(pairs, dtype=dtype)
+    assert _runs(0, 40 * PAGE, array, 0) == expected
+    # Any strides: a Fortran-ordered copy and a transposed view.
+    assert _runs(0, 40 * PAGE, np.asfortranarray(array), 0) == expected
+    assert _runs(0, 40 * PAGE, np.ascontiguousarray(array.T).T, 0) == expected
+    # Non-native byte order falls back to iterating the rows: same runs.
+    swapped = array.astype(array.dtype.newbyteorder())
+    assert _runs(0, 40 * PAGE, swapped, 0) == expected
+
+
+def test_array_pairs_are_checked_like_list_pairs() -> None:
+    with pytest.raises(ValueError, match=re.escape("ranges[1] = (-1, 2): offset -1")):
+        _runs(0, 4 * PAGE, np.array([[0, 1], [-1, 2]]), 0)
+    with pytest.raises(ValueError, match=re.escape("ranges[0] = (5, 16384)")):
+        _runs(0, 4 * PAGE, np.array([[5, 4 * PAGE]], dtype=np.uint32), 0)
+    with pytest.raises(
+        ValueError, match="ranges\\[0\\] = \\(18446744073709551615, 1\\)"
+    ):
+        _runs(0, 4 * PAGE, np.array([[2**64 - 1, 1]], dtype=np.uint64), 0)
+    with pytest.raises(TypeError, match="offset must be an integer, not float64"):
+        _runs(0, 4 * PAGE, np.array([[0.0, 1.0]]), 0)
+    with pytest.raises(TypeError, match="is not an \\(offset, size\\) pair"):
+        _runs(0, 4 * PAGE, np.array([[0, 1, 2]]), 0)
+    assert _runs(0, 4 * PAGE, np.zeros((0, 2), dtype=np.int64), 0) == []
 
 
 # --- validation: one bad pair refuses the whole batch -----------------------
@@ -152,8 +209,9 @@ def test_bad_batch_flushes_nothing(
 @pytest.mark.parametrize(
     ("kwargs", "exc_type", "message"),
     [
-        ({"flags": SYNC | ASYNC}, ValueError, f"flags {SYNC | ASYNC} is not"),
-        ({"flags": INVAL}, ValueError, "optionally OR-ed with MS_INVALIDATE"),
+        ({"flags": SYNC | ASYNC}, ValueError, f"flags {SYNC | ASYNC} is not one"),
+        ({"flags": INVAL}, ValueError, f"MS_SYNC ({SYNC})"),
+        ({"flags": 2**80}, ValueError, f"flags {2**80} is not one"),
         ({"flags": None}, TypeError, "flags must be an integer, not None"),
         ({"flags": 4.0}, TypeError, "not 4.0 (float)"),
         ({"flags": False}, TypeError, "not False (bool)"),
@@ -162,6 +220,7 @@ def test_bad_batch_flushes_nothing(
         ({"max_gap": None}, TypeError, "not None"),
         ({"max_gap": True}, TypeError, "max_gap must be a non-negative integer"),
         ({"max_gap": np.int64(-4)}, ValueError, "not -4"),
+        ({"max_gap": -(2**70)}, ValueError, f"not {-(2**70)}"),
     ],
 )
 def test_bad_flags_and_max_gap(
@@ -277,10 +336,12 @@ def test_every_access_kind_and_flag(shm_map: MapFactory) -> None:
 
     for access in (mmap.ACCESS_WRITE, mmap.ACCESS_READ, mmap.ACCESS_COPY):
         mapped = shm_map(8 * PAGE, access=access)
-        for flags in (SYNC, ASYNC, SYNC | INVAL, ASYNC | INVAL):
+        for flags in sorted(msyncext.VALID_FLAGS):
+            # MS_INVALIDATE merges no gap: pages 0 and 7 stay two runs.
+            expected = 2 if flags in (SYNC | INVAL, ASYNC | INVAL) else 1
             assert (
                 msyncext.flush_ranges(mapped.map, [(1, 2), (7 * PAGE, 5)], flags=flags)
-                == 1
+                == expected
             )
     with mmap.mmap(-1, 8 * PAGE) as anonymous:
         assert msyncext.flush_ranges(anonymous, [(0, 1)], max_gap=0) == 1
@@ -310,27 +371,175 @@ def test_failure_stops_the_batch_and_names_the_run(shm_map: MapFactory) -> None:
     mapped.map.close()  # no export left behind
 
 
-# --- the private C entry point re-checks what it is given ---------------------
+# --- the C entry point checks what it is given --------------------------------
 
 
-def test_c_side_rechecks_runs(shm_map: MapFactory) -> None:
-    from msyncext import _msync
+def test_c_entry_point_checks_its_arguments(shm_map: MapFactory) -> None:
+    mapped = shm_map(4 * PAGE)
+    m = mapped.map
+    assert _msync.flush_batch(m, [(0, 4 * PAGE)], SYNC, 0) == 1
+    assert _msync.flush_batch(m, [(0, 1), (2 * PAGE, 1)], SYNC, 2**80) == 1
+    for args, exc_type, message in [
+        ((m, [(0, 4 * PAGE + 1)], SYNC, 0), ValueError, "runs past the end"),
+        ((m, [(0, 1)], 0x1000, 0), ValueError, "flags 4096 is not one"),
+        ((m, [(0, 1)], SYNC, -1), ValueError, "max_gap must be a non-negative"),
+        ((m, [(0, 1)], SYNC, 1.5), TypeError, "max_gap must be a non-negative"),
+        ((m, [(0, 1)], SYNC), TypeError, "takes 4 positional arguments"),
+    ]:
+        with pytest.raises(exc_type, match=re.escape(message)):
+            _msync.flush_batch(*args)
+    m.close()  # no export left behind
+
+
+def test_max_gap_whose_index_returns_a_non_int_names_it(shm_map: MapFactory) -> None:
+    class Weird:
+        def __index__(self) -> Any:
+            return "7"
 
     mapped = shm_map(4 * PAGE)
-    assert _msync.flush_runs(mapped.map, [0, 4], SYNC) == 1
-    for runs, message in [
-        ([0, 5], "outside the 4 pages"),
-        ([4, 1], "outside"),
-        ([1, 0], "is empty"),
-        ([0], "not (first, count) pairs"),
-        ([-1, 1], "first page -1 is negative"),
-        ([0, 2**62], "outside"),
-        ([2**62, 2**62], "outside"),
-    ]:
-        with pytest.raises(ValueError, match=re.escape(message)):
-            _msync.flush_runs(mapped.map, runs, SYNC)
-    with pytest.raises(TypeError, match="runs must be a list"):
-        _msync.flush_runs(mapped.map, (0, 1), SYNC)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="flags"):
-        _msync.flush_runs(mapped.map, [0, 1], 0x1000)
+    with pytest.raises(TypeError, match=r"^max_gap: "):
+        msyncext.flush_ranges(mapped.map, [(0, 1)], max_gap=Weird())
+    with pytest.raises(TypeError, match=re.escape("ranges[0] = ")):
+        msyncext.flush_ranges(mapped.map, [(Weird(), 1)])
+
+
+# --- MS_INVALIDATE never reaches pages nobody named ---------------------------
+
+
+def test_invalidate_does_not_merge_across_a_locked_gap(shm_map: MapFactory) -> None:
+    # Page 5 is mlocked; MS_INVALIDATE over it fails with EBUSY. With the
+    # default max_gap, the two ranges would merge into pages 0..10.
+    mapped = shm_map(16 * PAGE)
+    libc = ctypes.CDLL(None, use_errno=True)
+    holder = ctypes.c_char.from_buffer(mapped.map)
+    address = ctypes.addressof(holder)
+    del holder
+    if libc.mlock(ctypes.c_void_p(address + 5 * PAGE), ctypes.c_size_t(PAGE)) != 0:
+        pytest.skip(f"mlock failed: {os.strerror(ctypes.get_errno())}")
+    try:
+        pairs = [(0, 1), (10 * PAGE, 1)]
+        for flags in (SYNC | INVAL, ASYNC | INVAL):
+            if flags not in msyncext.VALID_FLAGS:
+                continue
+            assert msyncext.flush_ranges(mapped.map, pairs, flags=flags) == 2
+        # Without MS_INVALIDATE the gap is merged (and the lock is harmless).
+        assert msyncext.flush_ranges(mapped.map, pairs) == 1
+        # The lock really bites when a named range covers it.
+        with pytest.raises(OSError, match="run 2 of 3") as info:
+            msyncext.flush_ranges(
+                mapped.map, [*pairs, (5 * PAGE + 3, 1)], flags=SYNC | INVAL
+            )
+        assert info.value.errno == errno.EBUSY
+        assert not isinstance(info.value, msyncext.WritebackError)
+    finally:
+        libc.munlock(ctypes.c_void_p(address + 5 * PAGE), ctypes.c_size_t(PAGE))
     mapped.map.close()
+
+
+# --- every buffer flush accepts --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: np.zeros(4096, dtype="datetime64[s]"), id="datetime64"),
+        pytest.param(lambda: np.zeros(4096, dtype="timedelta64[ms]"), id="timedelta64"),
+        pytest.param(
+            lambda: np.zeros(512, dtype=[("when", "M8[us]"), ("x", "f8")]),
+            id="record-with-datetime",
+        ),
+        pytest.param(lambda: np.zeros((64, 64), order="F"), id="fortran-order"),
+        pytest.param(lambda: np.zeros((64, 64)).T, id="transposed"),
+        pytest.param(
+            lambda: np.array(["a", "bb"] * 100, dtype=np.dtypes.StringDType()),
+            id="StringDType",
+            marks=pytest.mark.skipif(
+                not hasattr(np, "dtypes") or not hasattr(np.dtypes, "StringDType"),
+                reason="numpy without StringDType",
+            ),
+        ),
+    ],
+)
+def test_flush_ranges_accepts_what_flush_accepts(make: Any) -> None:
+    array = make()
+    msyncext.flush(array)
+    msyncext.flush(array, 1, 3)
+    assert msyncext.flush_ranges(array, [(0, 1), (1, 3)]) == 1
+
+
+@needs_cachestat
+def test_fortran_ordered_memmap_is_one_byte_range(tmp_path: Any) -> None:
+    path = tmp_path / "fortran.bin"
+    with path.open("wb") as f:
+        f.truncate(64 * PAGE)
+    array = np.memmap(path, dtype=np.float64, mode="r+", shape=(512, 64), order="F")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        array[:, 0] = 1.0  # column 0: the first 4096 bytes in Fortran order
+        array[:, 40] = 2.0  # column 40: file page 40
+        msyncext.flush(array, 0, PAGE)
+        assert cachestat(fd, 0, PAGE).dirty == 0
+        assert cachestat(fd, 40 * PAGE, PAGE).dirty == 1
+        assert msyncext.flush_ranges(array, [(40 * PAGE, 8)], max_gap=0) == 1
+        assert cachestat(fd, 40 * PAGE, PAGE).dirty == 0
+    finally:
+        os.close(fd)
+        del array
+
+
+def test_non_contiguous_buffers_are_one_error_in_both() -> None:
+    for buf in (np.zeros((8, 8))[:, 1:], memoryview(bytearray(64))[::2]):
+        with pytest.raises(BufferError, match="is not contiguous") as one:
+            msyncext.flush(buf)
+        with pytest.raises(BufferError, match="is not contiguous") as other:
+            msyncext.flush_ranges(buf, [(0, 1)])
+        assert str(one.value) == str(other.value)
+        assert type(buf).__name__ in str(one.value)
+
+
+# --- long batches can be interrupted ------------------------------------------
+
+
+class _Alarm(Exception):
+    pass
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs setitimer")
+def test_a_signal_handler_stops_a_long_batch(disk_map: MapFactory) -> None:
+    npages = 60_000
+    mapped = disk_map(npages * PAGE)
+    pairs = [(page * PAGE, 1) for page in range(0, npages, 2)]
+    # How long would the whole batch take here? Each msync of a clean page
+    # on a disk filesystem costs tens of microseconds (a cache flush).
+    started = time.perf_counter()
+    msyncext.flush_ranges(mapped.map, pairs[:1000], max_gap=0)
+    per_run = (time.perf_counter() - started) / 1000
+    if per_run * len(pairs) < 0.6:
+        pytest.skip(
+            f"msync is too cheap here ({per_run * 1e6:.1f} us) to outlast 0.1 s"
+        )
+
+    def on_alarm(signum: int, frame: object) -> None:
+        raise _Alarm
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        started = time.perf_counter()
+        with pytest.raises(_Alarm) as info:
+            msyncext.flush_ranges(mapped.map, pairs, max_gap=0)
+        handled = time.perf_counter() - started
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    # Handled within the check interval (20 ms) plus one msync, with a wide
+    # margin for a loaded machine; the whole batch would have taken longer.
+    assert handled < 0.1 + 0.2, f"handled after {handled:.3f} s"
+    notes = getattr(info.value, "__notes__", [])
+    assert len(notes) == 1, notes
+    found = re.search(r"after (\d+) of (\d+) msync calls", notes[0])
+    assert found, notes
+    done, total = int(found[1]), int(found[2])
+    assert total == len(pairs)
+    assert 0 < done < total
+    mapped.map.close()  # no export left behind

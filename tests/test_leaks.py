@@ -1,8 +1,9 @@
 """Leaks: success and error paths keep refcounts, memory and exports flat.
 
 Every C path of msyncext runs here many times: success, each argument
-error, the OSError path (MS_INVALIDATE over mlocked pages gives EBUSY) and
-the private batch entry point's own checks. .ci/valgrind.sh runs this file
+error, the OSError path (MS_INVALIDATE over mlocked pages gives EBUSY), the
+pinning of a numpy.memmap's mmap, (n, 2) arrays of pairs and the batch
+entry point's own checks. .ci/valgrind.sh runs this file
 under memcheck with MSYNCEXT_LEAK_ROUNDS small (and MSYNCEXT_VALGRIND=1,
 which skips the RSS test: valgrind's heap says nothing about ours).
 """
@@ -20,6 +21,7 @@ import tracemalloc
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 from conftest import BadIndex, Index
 
@@ -29,7 +31,8 @@ from msyncext import MS_ASYNC, MS_INVALIDATE, MS_SYNC, PAGESIZE, _msync
 # Untyped handles: the bad-input calls below are wrong on purpose.
 flush: Any = msyncext.flush
 flush_ranges: Any = msyncext.flush_ranges
-flush_runs: Any = _msync.flush_runs
+flush_batch: Any = _msync.flush_batch
+batch_runs: Any = _msync.batch_runs
 
 ROUNDS = int(os.environ.get("MSYNCEXT_LEAK_ROUNDS", "5000"))
 UNDER_VALGRIND = os.environ.get("MSYNCEXT_VALGRIND") == "1"
@@ -70,7 +73,19 @@ def _cases(
     strided = memoryview(bytearray(64))[::2]
     pairs = [(1, 2), (3 * PAGESIZE, 5), (PAGESIZE - 1, 2)]
     bad_pairs = [(1, 2), (-1, 2)]
-    runs = [0, 2]
+    array_pairs = np.array(pairs, dtype=np.int64)
+    bad_array = np.array([[0, 1], [-1, 1]], dtype=np.int32)
+    fortran = np.zeros((16, 16), order="F")
+
+    # Made as numpy.memmap makes its arrays: numpy keeps the mmap as .base
+    # but no export of it, so flush exports the mmap itself. Made afresh for
+    # each call: an array made before a resize points at stale memory.
+    def memmap() -> Any:
+        return np.ndarray(
+            (SIZE - PAGESIZE - 3,), np.uint8, buffer=m, offset=PAGESIZE + 3
+        )
+
+    not_contiguous = np.zeros((8, 8))[:, 1:]
     cases: dict[
         str, tuple[Callable[[], object], type[BaseException] | None, list[object]]
     ] = {
@@ -94,10 +109,44 @@ def _cases(
             None,
             [m, pairs],
         ),
-        "runs": (lambda: flush_runs(m, runs, MS_SYNC), None, [m, runs]),
+        "batch-array": (
+            lambda: flush_ranges(m, array_pairs, max_gap=0),
+            None,
+            [m, array_pairs],
+        ),
+        "batch-array-bad": (
+            lambda: flush_ranges(m, bad_array),
+            ValueError,
+            [m, bad_array],
+        ),
+        "batch-generator": (
+            lambda: flush_ranges(m, ((o, 1) for o in (0, PAGESIZE))),
+            None,
+            [m],
+        ),
+        "batch-list-pairs": (
+            lambda: flush_ranges(m, [[0, 1], [idx, off]]),
+            None,
+            [m, idx, off],
+        ),
+        "owner-chain": (lambda: flush(memmap(), 1, 2), None, [m]),
+        "owner-chain-batch": (lambda: flush_ranges(memmap(), pairs[:1]), None, [m]),
+        "fortran": (lambda: flush(fortran), None, [fortran]),
+        "not-contiguous": (
+            lambda: flush(not_contiguous),
+            BufferError,
+            [not_contiguous],
+        ),
+        "not-contiguous-batch": (
+            lambda: flush_ranges(not_contiguous, pairs),
+            BufferError,
+            [not_contiguous],
+        ),
+        "clear-none": (lambda: msyncext.clear_writeback_error(m), None, [m]),
+        "batch-runs": (lambda: batch_runs(m, pairs, MS_SYNC, 0), None, [m, pairs]),
         "negative": (lambda: flush(m, -1), ValueError, [m]),
-        "huge": (lambda: flush(m, big), OverflowError, [m, big]),
-        "huge-neg": (lambda: flush(m, 0, neg), OverflowError, [m, neg]),
+        "huge": (lambda: flush(m, big), ValueError, [m, big]),
+        "huge-neg": (lambda: flush(m, 0, neg), ValueError, [m, neg]),
         "past-end": (lambda: flush(m, 1, SIZE), ValueError, [m]),
         "offset-past-end": (lambda: flush(m, SIZE + 1), ValueError, [m]),
         "str": (lambda: flush(m, "1"), TypeError, [m]),
@@ -125,20 +174,23 @@ def _cases(
             ValueError,
             [closed, pairs],
         ),
-        "runs-odd": (lambda: flush_runs(m, [0], MS_SYNC), ValueError, [m]),
-        "runs-outside": (
-            lambda: flush_runs(m, [0, NPAGES + 1], MS_SYNC),
+        "batch-outside": (
+            lambda: flush_batch(m, [(0, SIZE + 1)], MS_SYNC, 0),
             ValueError,
             [m],
         ),
-        "runs-empty-run": (lambda: flush_runs(m, [1, 0], MS_SYNC), ValueError, [m]),
-        "runs-bad-item": (
-            lambda: flush_runs(m, [0, bad], MS_SYNC),
+        "batch-bad-item": (
+            lambda: flush_batch(m, [(0, bad)], MS_SYNC, 0),
             ZeroDivisionError,
             [m, bad],
         ),
-        "runs-not-list": (lambda: flush_runs(m, (0, 1), MS_SYNC), TypeError, [m]),
-        "runs-nargs": (lambda: flush_runs(m, runs), TypeError, [m, runs]),
+        "batch-not-pair": (lambda: flush_batch(m, [5], MS_SYNC, 0), TypeError, [m]),
+        "batch-bad-gap": (
+            lambda: flush_batch(m, pairs, MS_SYNC, -1),
+            ValueError,
+            [m, pairs],
+        ),
+        "batch-nargs": (lambda: flush_batch(m, pairs), TypeError, [m, pairs]),
         "page-offset": (lambda: _msync.page_offset(m), None, [m]),
         "page-offset-bad": (lambda: _msync.page_offset(idx), TypeError, [idx]),
     }
@@ -229,7 +281,9 @@ def test_oserror_path_stays_flat(shm_map: mmap.mmap) -> None:
             lambda: flush_ranges(shm_map, pairs, flags=flags, max_gap=0),
         ]
         for call in calls:
-            with pytest.raises(OSError, match="msync of buffer bytes") as info:
+            with pytest.raises(
+                OSError, match="Device or resource busy: 'buffer bytes"
+            ) as info:
                 call()
             assert info.value.errno == errno.EBUSY
             gc.collect()
