@@ -59,6 +59,13 @@ cleanup() {
     local rc=$? pass pid m l leftovers
     trap - EXIT INT TERM
     set +e
+    # A step still running (we were interrupted): stop its process group.
+    if [[ -n ${step_pgid:-} ]] && kill -0 -- "-$step_pgid" 2>/dev/null; then
+        echo "matrix.sh: cleanup: stopping the running step (process group $step_pgid)" >&2
+        kill -TERM -- "-$step_pgid" 2>/dev/null
+        sleep 3
+        kill -KILL -- "-$step_pgid" 2>/dev/null
+    fi
     # Processes still running inside the chroot (an interrupted pytest) hold
     # mounts and loop devices: they are ours, stop them by their pid.
     for pid in $(ls /proc | grep -E '^[0-9]+$'); do
@@ -96,7 +103,7 @@ trap 'echo "matrix.sh: interrupted" >&2; exit 130' INT
 trap 'echo "matrix.sh: terminated" >&2; exit 143' TERM
 
 # --- steps, timed ------------------------------------------------------------
-step_names=() step_secs=() step_rcs=()
+step_names=() step_secs=() step_rcs=() step_pgid=""
 wanted() {  # does MATRIX_ONLY name this step? (the sources and the wheel always run)
     local w
     [[ $1 == sources || $1 == "abi3 wheel" ]] && return 0
@@ -118,9 +125,16 @@ step() {  # name, command...: runs it, records its time and status, never exits
         # A subshell with its own set -e: called as `f || rc=$?`, a function
         # would run with errexit ignored and carry on past a failed command.
         # So steps share nothing through variables, only through files.
-        set +e
-        (set -e; "$@")
+        # It runs as a job of its own (set -m: its own process group, SIGINT
+        # not ignored) that we wait for: a signal to this script then runs
+        # the trap at once, and the cleanup stops the whole group.
+        set +e -m
+        (set -e; "$@") &
+        step_pgid=$!
+        set +m
+        wait "$step_pgid"
         rc=$?
+        step_pgid=""
         set -e
     fi
     step_names+=("$name") step_secs+=($((SECONDS - t0))) step_rcs+=("$rc")
