@@ -50,6 +50,47 @@ def test_constants_are_this_platforms() -> None:
     assert msyncext.__version__
 
 
+# The valid flags per platform, from each kernel's msync: POSIX's four
+# combinations, except that FreeBSD's kern_msync refuses MS_ASYNC together
+# with MS_INVALIDATE.
+EXPECTED_VALID_FLAGS = {
+    "linux": {SYNC, ASYNC, SYNC | INVAL, ASYNC | INVAL},
+    "darwin": {SYNC, ASYNC, SYNC | INVAL, ASYNC | INVAL},
+    "freebsd": {SYNC, ASYNC, SYNC | INVAL},
+}
+
+
+def test_valid_flags_are_this_platforms_table() -> None:
+    platform = sys.platform.rstrip("0123456789")
+    expected = EXPECTED_VALID_FLAGS.get(
+        platform, {SYNC, ASYNC, SYNC | INVAL, ASYNC | INVAL}
+    )
+    assert expected == msyncext.VALID_FLAGS
+    assert isinstance(msyncext.VALID_FLAGS, frozenset)
+    # Every combination outside the table is refused before any syscall,
+    # by both functions, with the same message.
+    for flags in range(-1, 64):
+        if flags in msyncext.VALID_FLAGS:
+            continue
+        with pytest.raises(ValueError, match="is not one this platform accepts") as a:
+            msyncext.flush(bytearray(1), flags=flags)
+        with pytest.raises(ValueError, match="is not one this platform accepts") as b:
+            msyncext.flush_ranges(bytearray(1), [(0, 1)], flags=flags)
+        assert str(a.value) == str(b.value)
+
+
+class _IndexReturnsStr:
+    def __index__(self) -> Any:
+        return "3"
+
+
+@pytest.mark.parametrize("argument", ["offset", "size", "flags"])
+def test_index_returning_a_non_int_names_the_argument(argument: str) -> None:
+    with pytest.raises(TypeError, match=f"^{argument}: ") as info:
+        msyncext.flush(bytearray(8), **{argument: _IndexReturnsStr()})
+    assert "non-int" in str(info.value)
+
+
 def test_public_names() -> None:
     for name in msyncext.__all__:
         assert hasattr(msyncext, name), name

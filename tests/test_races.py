@@ -1,9 +1,17 @@
 """Races: flushes from many threads, close()/resize() against flushes, fork.
 
+close() and resize() are raced against flushes of an mmap.mmap and of a
+numpy.memmap (and a slice and a memoryview of one), whose own export of the
+mmap numpy drops at once: there msyncext pins the mmap itself.
+
 Each scenario runs in a fresh interpreter (blockdev.run_isolated): a crash
 or a flush of unmapped memory kills one child and fails one test, with the
 child's output, instead of killing the run. The scenarios are plain
 functions of this module so that they are linted and type-checked.
+
+On a free-threaded build (with the GIL off) the threads really run at once,
+so the scenarios run several times as many rounds there: that is where a
+missing pin or an unsafe shared structure would show.
 
 "Never a flush of unmapped memory": while a flush holds the buffer export,
 close() and resize() fail with BufferError. Had one slipped through, the
@@ -20,14 +28,29 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import blockdev
 import pytest
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PAGE = mmap.PAGESIZE
 NPAGES = 64
 THREADS = 6
 SECONDS = 0.4  # per scenario round; bounded, enough for thousands of calls
+
+
+def _free_threaded() -> bool:
+    """Whether threads run in parallel here: a free-threaded build, GIL off."""
+    is_gil_enabled: Callable[[], bool] | None = getattr(sys, "_is_gil_enabled", None)
+    return is_gil_enabled is not None and not is_gil_enabled()
+
+
+# Rounds per scenario are multiplied by this where threads run in parallel;
+# each round stays bounded by SECONDS.
+ROUNDS_FACTOR = 3 if _free_threaded() else 1
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="the scenarios use Linux facts"
@@ -82,8 +105,8 @@ def _many_threads(directory: str) -> None:
     own = [_new_map(directory, f"own{i}") for i in range(THREADS)]
     calls = [0] * THREADS
 
-    def worker(index: int) -> Callable[[], None]:
-        rng = random.Random(index)
+    def worker(index: int, round_no: int) -> Callable[[], None]:
+        rng = random.Random(round_no * THREADS + index)
         mine = own[index][1]
         # Each thread writes only its own stripe of the shared map and checks
         # it; flushes cover other threads' stripes (overlapping) too.
@@ -115,7 +138,8 @@ def _many_threads(directory: str) -> None:
 
         return work
 
-    _run_threads([worker(i) for i in range(THREADS)])
+    for round_no in range(ROUNDS_FACTOR):
+        _run_threads([worker(i, round_no) for i in range(THREADS)])
     msyncext.flush(shared)
     for page in range(NPAGES):
         owner = page % THREADS
@@ -130,15 +154,17 @@ def _many_threads(directory: str) -> None:
     shared.close()
     os.close(shared_fd)
     assert min(calls) > 0, calls
-    print("calls", sum(calls))
+    print("rounds", ROUNDS_FACTOR, "calls", sum(calls))
 
 
 def _close_or_resize_against_flushes(directory: str, action: str) -> None:
     import msyncext
 
     refused = done = rounds = 0
-    # At least 4 rounds; more (bounded) until a refusal has been seen.
-    while rounds < 4 or (refused == 0 and rounds < 40):
+    # At least 4 rounds (more where threads run in parallel); more, bounded,
+    # until a refusal has been seen.
+    min_rounds = 4 * ROUNDS_FACTOR
+    while rounds < min_rounds or (refused == 0 and rounds < min_rounds + 36):
         round_no = rounds
         rounds += 1
         fd, m = _new_map(directory, f"victim{round_no}")
@@ -241,6 +267,214 @@ def _fork_child_flushes(directory: str) -> None:
     os.close(fd)
 
 
+# -- numpy.memmap: the mmap under the array stays pinned during a flush --------
+#
+# numpy.memmap releases its own export of the mmap.mmap right after making the
+# array, so an export of the array (or of a slice or memoryview of it) does
+# not stop arr._mmap.close() or resize(): msyncext must export the mmap at the
+# end of the owner chain itself for as long as the flush runs.
+#
+# "An attempt overlapped a flush" is decided from the kernel's view, not from
+# timing: /proc/self/task/TID/syscall names the syscall the flushing thread is
+# blocked in, with its arguments. An attempt counts as overlapping when that
+# thread was inside msync on this file's mapping both just before and just
+# after the attempt, and no new flush call began in between (the flusher
+# counts the calls it begins): then one single flush call ran throughout the
+# attempt, and that call held its exports throughout, so the attempt must
+# have been refused.
+
+MEMMAP_BYTES = 16 << 20
+DIRTY_BYTES = 2 << 20  # written before each flush, so the flush is long
+MEMMAP_TARGETS = ("memmap", "slice", "memoryview")
+_MSYNC_SYSCALL = {"x86_64": 26, "aarch64": 227}
+
+
+class _SyscallProbe:
+    """Whether a thread of this process is blocked in msync on an address range."""
+
+    def __init__(self, native_id: int, lo: int, hi: int) -> None:
+        self.fd = os.open(f"/proc/self/task/{native_id}/syscall", os.O_RDONLY)
+        self.msync = str(_MSYNC_SYSCALL[os.uname().machine])
+        self.lo, self.hi = lo, hi
+
+    def in_msync(self) -> bool:
+        try:
+            fields = os.pread(self.fd, 256, 0).split()
+        except OSError:  # the thread has exited
+            return False
+        # "running", or "-1 sp pc" outside a syscall, or "nr arg0 arg1 ...".
+        return (
+            len(fields) > 2
+            and fields[0].decode() == self.msync
+            and self.lo <= int(fields[1], 16) < self.hi
+        )
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _memmap_against_flushes(directory: str, action: str, how: str) -> None:
+    import numpy as np
+
+    import msyncext
+
+    blob = os.urandom(DIRTY_BYTES)
+    # flush_ranges: 32 runs of 64 KiB spread over the file (max_gap=0 keeps
+    # them apart), so one call makes 32 msync calls, each with work to do.
+    stride = MEMMAP_BYTES // 32
+    runs = [(i * stride, 64 * 1024) for i in range(32)]
+    stats = {t: {"overlapping": 0, "refused": 0, "done": 0} for t in MEMMAP_TARGETS}
+    violations: list[str] = []
+    failures: list[str] = []
+    flushes = 0
+    min_rounds = len(MEMMAP_TARGETS) * ROUNDS_FACTOR
+
+    def unproven() -> list[str]:
+        return [t for t in MEMMAP_TARGETS if stats[t]["refused"] == 0]
+
+    rounds = 0
+    while rounds < min_rounds or (unproven() and rounds < min_rounds + 12):
+        kind = MEMMAP_TARGETS[rounds % len(MEMMAP_TARGETS)]
+        path = os.path.join(directory, f"memmap{rounds}")
+        rounds += 1
+        with open(path, "wb") as f:
+            f.truncate(MEMMAP_BYTES)
+        arr: np.memmap[Any, np.dtype[np.uint8]] = np.memmap(
+            path, dtype=np.uint8, mode="r+", shape=(MEMMAP_BYTES,)
+        )
+        mapped: mmap.mmap = arr._mmap  # type: ignore[attr-defined]
+        fd = os.open(path, os.O_RDWR)
+        target: object
+        if kind == "memmap":
+            target = arr
+        elif kind == "slice":
+            target = arr[PAGE + 100 : MEMMAP_BYTES - 3]  # not page-aligned
+        else:
+            target = arr.data  # a memoryview whose .obj is the array
+        address = arr.__array_interface__["data"][0]
+        begun = [0]  # flush calls the flusher has begun
+        flusher_id: list[int] = []
+        flushing = threading.Event()
+        stop = threading.Event()
+
+        def flusher(
+            target: object = target,
+            fd: int = fd,
+            mapped: mmap.mmap = mapped,
+            begun: list[int] = begun,
+            flusher_id: list[int] = flusher_id,
+            flushing: threading.Event = flushing,
+            stop: threading.Event = stop,
+            seed: int = rounds,
+            kind: str = kind,
+        ) -> None:
+            nonlocal flushes
+            rng = random.Random(seed)
+            flusher_id.append(threading.get_native_id())
+            while not stop.is_set():
+                # Dirty through the file, never through the map: once the
+                # mmap is closed, the array's memory is gone.
+                if how == "flush":
+                    os.pwrite(fd, blob, rng.randrange(MEMMAP_BYTES - DIRTY_BYTES))
+                else:
+                    for offset, size in runs:
+                        os.pwrite(fd, blob[:size], offset)
+                begun[0] += 1
+                flushing.set()
+                try:
+                    if how == "flush":
+                        msyncext.flush(target)  # type: ignore[arg-type]
+                    else:
+                        msyncext.flush_ranges(target, runs, max_gap=0)  # type: ignore[arg-type]
+                except ValueError:
+                    if not mapped.closed:
+                        raise
+                    return  # closed before this flush began: refused cleanly
+                except OSError as exc:
+                    failures.append(f"{kind}: {how} raised {exc!r}")
+                    return
+                flushes += 1
+
+        def closer(
+            kind: str = kind,
+            mapped: mmap.mmap = mapped,
+            begun: list[int] = begun,
+            flusher_id: list[int] = flusher_id,
+            flushing: threading.Event = flushing,
+            stop: threading.Event = stop,
+            lo: int = address - address % PAGE,
+            hi: int = address + MEMMAP_BYTES,
+        ) -> None:
+            count = stats[kind]
+            try:
+                flushing.wait(10)
+                try:
+                    probe = _SyscallProbe(flusher_id[0], lo, hi)
+                except OSError:  # the flusher has already failed and exited
+                    return
+                running = _deadline()
+                try:
+                    while running() and not mapped.closed:
+                        calls_before = begun[0]
+                        if not probe.in_msync():
+                            continue  # aim the attempts at flushes under way
+                        try:
+                            if action == "close":
+                                mapped.close()
+                            else:
+                                # Same size: a real resize may move the memory
+                                # under the array, which numpy itself cannot
+                                # survive; the refusal does not look at it.
+                                mapped.resize(MEMMAP_BYTES)
+                            refused = False
+                        except BufferError:
+                            refused = True
+                        overlapped = probe.in_msync() and begun[0] == calls_before
+                        if refused:
+                            count["refused"] += 1
+                        else:
+                            count["done"] += 1
+                        if overlapped:
+                            count["overlapping"] += 1
+                            if not refused:
+                                violations.append(
+                                    f"{kind}: {action}() succeeded while one "
+                                    f"{how} call was in msync throughout"
+                                )
+                finally:
+                    probe.close()
+            finally:
+                stop.set()
+
+        _run_threads([flusher, closer])
+        # No export leaked: with the flusher stopped, close() works, and a
+        # flush of the array over the closed mmap is refused, not attempted.
+        if not mapped.closed:
+            mapped.close()
+        try:
+            msyncext.flush(target)  # type: ignore[arg-type]
+        except ValueError:
+            pass
+        except OSError as exc:
+            failures.append(f"{kind}: flush over the closed mmap raised {exc!r}")
+        else:
+            failures.append(f"{kind}: flush over the closed mmap succeeded")
+        if isinstance(target, memoryview):
+            target.release()
+        del arr, target, mapped
+        os.close(fd)
+        os.unlink(path)
+    print(f"{action} vs {how}: rounds {rounds}, flushes {flushes}, {stats}")
+    assert not violations, (
+        f"{len(violations)} attempts overlapping a flush were not refused, "
+        f"first: {violations[0]}; {len(failures)} other failures, first "
+        f"three: {failures[:3]}"
+    )
+    assert not failures, f"{len(failures)} failures, first three: {failures[:3]}"
+    # The race was real for every kind of target: some attempt met a flush.
+    assert not unproven(), f"no refusal seen for {unproven()}: {stats}"
+
+
 # -- tests --------------------------------------------------------------------
 
 
@@ -265,6 +499,23 @@ def test_close_racing_flushes(disk_dir: str) -> None:
 def test_resize_racing_flushes(disk_dir: str) -> None:
     blockdev.run_isolated(
         "test_races", "_close_or_resize_against_flushes", disk_dir, "resize"
+    )
+
+
+@pytest.mark.parametrize("how", ["flush", "flush_ranges"])
+@pytest.mark.parametrize("action", ["close", "resize"])
+def test_memmap_pinned_against_close_and_resize(
+    disk_dir: str, action: str, how: str
+) -> None:
+    # numpy.memmap, a slice of one and a memoryview of one: a flush of any
+    # of them keeps the mmap underneath from closing or resizing.
+    pytest.importorskip("numpy")
+    if not os.path.exists(f"/proc/self/task/{threading.get_native_id()}/syscall"):
+        pytest.skip("no /proc/PID/task/TID/syscall to see a flush in msync")
+    if os.uname().machine not in _MSYNC_SYSCALL:
+        pytest.skip(f"msync's syscall number not known on {os.uname().machine}")
+    blockdev.run_isolated(
+        "test_races", "_memmap_against_flushes", disk_dir, action, how
     )
 
 
