@@ -183,7 +183,8 @@ python_layer = {
     for p in (src / "msyncext").glob(pattern)
 }
 
-# sdist: what builds, what tests, what documents; nothing from .ci/, benchmarks/.
+# sdist: what builds, what tests, what documents, and the benchmarks the README
+# tells readers to run (MANIFEST.in); nothing from .ci/.
 name, sdist_version = parse_sdist_filename(sdist.name)
 if sdist_version != Version(version):
     problems.append(f"sdist version {sdist_version} != __version__ {version}")
@@ -194,7 +195,7 @@ with tarfile.open(sdist) as tar:
     pkg_info = tar.extractfile(prefix + "PKG-INFO").read().decode()
 required = (
     {"pyproject.toml", "setup.py", "README.md", "CHANGES.md", "LICENSE", "PKG-INFO"}
-    | files_under("csrc", "tests")
+    | files_under("csrc", "tests", "benchmarks")
     | python_layer
 )
 compare(
