@@ -143,12 +143,14 @@ step() {  # name, command...: runs it, records its time and status, never exits
 }
 
 # --- the sources under test --------------------------------------------------
-src=$work/src      # clean copy of HEAD, for source builds
-tests=$work/tests  # tests/ and pytest's configuration only
+# A clean copy of HEAD: the source builds start from it, and the suite runs
+# from its tests/ (tests/test_build.py builds the tree beside the tests), with
+# -I and from an empty directory, so only the installed package is importable
+# (a test checks where msyncext was imported from).
+src=$work/src
 prepare_sources() {
-    mkdir -p "$src" "$tests"
+    mkdir -p "$src"
     git -C "$repo" archive --format=tar HEAD | tar -x -C "$src"
-    cp -r "$src/tests" "$src/pyproject.toml" "$tests/"
 }
 
 wheelhouse=${1:-$work/wheelhouse}
@@ -256,17 +258,17 @@ run_host() {  # label python suite-args...
     local label=$1 python=$2
     shift 2
     mkdir -p "$work/run-$label"
-    bash "$here/suite.sh" "$label" "$python" "$work/run-$label" "$tests" "$@"
+    bash "$here/suite.sh" "$label" "$python" "$work/run-$label" "$src" "$@"
 }
 run_sid() {  # label python suite-args... (paths as the chroot sees them)
     local label=$1 python=$2
     shift 2
     mkdir -p "$sid/ci/run-$label"
-    in_chroot bash /ci/suite.sh "$label" "$python" "/ci/run-$label" /ci/tests "$@"
+    in_chroot bash /ci/suite.sh "$label" "$python" "/ci/run-$label" /ci/src "$@"
 }
 stage_into_chroot() {
     mkdir -p "$sid/ci/wheelhouse"
-    cp -r "$src" "$tests" "$sid/ci/"
+    cp -r "$src" "$sid/ci/"
     cp "$here/suite.sh" "$sid/ci/"
     cp "$abi3_wheel" "$sid/ci/wheelhouse/"
 }

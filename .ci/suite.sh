@@ -9,9 +9,8 @@
 #   LABEL     name in the summary (3.12, 3.14t, 3.14-dbg, ...)
 #   PYTHON    the interpreter to make the venv from
 #   WORK      an empty scratch directory of this interpreter's own
-#   TESTS     a directory holding only tests/ and pyproject.toml (pytest's
-#             configuration): not the source tree, so nothing shadows the
-#             installed package
+#   TESTS     a clean copy of the tree whose tests/ run (pytest -I from an
+#             empty directory: the copy's msyncext/ is never importable)
 #   --wheel   install this wheel (the abi3 one built once, on 3.11)
 #   --build   build a wheel from the clean copy SRC with `pip wheel` first,
 #             and check its tags and contents
