@@ -24,8 +24,9 @@
 #                       sources' first Debian archive)
 #   MATRIX_FAIL_AT      make the named step fail on purpose (tests the cleanup)
 #   MATRIX_ONLY         run only the steps whose names contain one of these
-#                       words, e.g. "chroot 3.15" (a partial run, for work on
-#                       the matrix itself; the others show as not run)
+#                       words (split at spaces), e.g. "chroot 3.15t" (a
+#                       partial run, for work on the matrix itself; the
+#                       others show as not run)
 #   KEEP_WORK=1         keep the scratch directory (never its mounts)
 set -euo pipefail
 shopt -s nullglob
@@ -257,8 +258,10 @@ run_dir() { if [[ -d $work/run-$1 ]]; then echo "$work/run-$1"; else echo "$sid/
 run_host() {  # label python suite-args...
     local label=$1 python=$2
     shift 2
-    mkdir -p "$work/run-$label"
-    bash "$here/suite.sh" "$label" "$python" "$work/run-$label" "$src" "$@"
+    # The tests' files (and loop devices' backing files) under $work too, so
+    # that the cleanup finds whatever an interrupted test leaves.
+    mkdir -p "$work/run-$label/tmp"
+    TMPDIR=$work/run-$label/tmp bash "$here/suite.sh" "$label" "$python" "$work/run-$label" "$src" "$@"
 }
 run_sid() {  # label python suite-args... (paths as the chroot sees them)
     local label=$1 python=$2
