@@ -1,93 +1,45 @@
-"""B2: a thread that flushes beside a CPU-bound thread (the GIL and the convoy).
+"""B2: a thread that flushes beside a CPU-bound thread. msyncext releases the GIL
+for the syscall, but on a GIL build must win it back from a thread that yields it
+only every switch interval (the convoy); mmap.flush holds it, stalling the CPU
+thread, whose share is its speed against its speed alone in the same round."""
 
-The flusher dirties one byte of a disk-backed page and flushes that page
-(MS_SYNC), again and again: a durable record write. The CPU thread counts.
-msyncext releases the GIL for the syscall, so the CPU thread runs on; but on
-a GIL build the flusher must win the GIL back after every syscall, and a
-CPU-bound thread hands it over only every sys.getswitchinterval(): each flush
-then costs its own time plus up to one switch interval (the convoy).
-mmap.flush holds the GIL through the syscall instead, stalling the CPU
-thread. Every window of a round is paired with the CPU thread's solo speed
-of the same round, so load from other processes mostly cancels.
-"""
+from collections.abc import Callable
+from functools import partial
 
-from __future__ import annotations
+import common as c
 
-import mmap
-import sys
-
-from common import (
-    PAGE,
-    Body,
-    Context,
-    Figures,
-    cpu_body,
-    mapped_file,
-    median,
-    rotate,
-    run_threads,
-)
-
-import msyncext
-
-INTERVALS_MS = (5.0, 1.0, 0.1)
-GIL = getattr(sys, "_is_gil_enabled", lambda: True)()
+INTERVALS_MS = (5.0, 1.0, 0.1) if c.GIL else (5.0,)  # free-threaded: no convoy
 
 
-def flusher(m: mmap.mmap, ours: bool) -> Body:
-    flush = msyncext.flush if ours else mmap.mmap.flush
-
-    def body(stop: list[bool]) -> float:
-        n = 0
-        while not stop[0]:
-            m[0] = n & 0xFF
-            flush(m, 0, PAGE)
-            n += 1
-        return n
-
-    return body
-
-
-def run(ctx: Context) -> Figures:
-    rounds, secs = (3, 0.25) if ctx.quick else (10, 0.5)
-    names = {True: "msyncext.flush", False: "mmap.flush"}
-    windows = ["cpu", True, False] + [
-        (ms, ours) for ms in INTERVALS_MS for ours in names
-    ]
-    got: dict[object, list[float]] = {w: [] for w in windows}
-    share: dict[object, list[float]] = {w: [] for w in windows}
-    default = sys.getswitchinterval()
-    with mapped_file(ctx.disk_dir, 16 * PAGE) as (m, _):
-        for r in range(rounds):
-            for w in rotate(windows, r):
-                if w == "cpu":
-                    got[w] += run_threads([cpu_body], secs)
-                elif isinstance(w, bool):
-                    got[w] += run_threads([flusher(m, w)], secs)
-                else:
-                    sys.setswitchinterval(w[0] / 1e3)
-                    try:
-                        cpu, flushes = run_threads([cpu_body, flusher(m, w[1])], secs)
-                    finally:
-                        sys.setswitchinterval(default)
-                    got[w].append(flushes)
-                    share[w].append(cpu)
-            for w in windows[3:]:
-                share[w][-1] = 100 * share[w][-1] / got["cpu"][-1]
-    out: Figures = {"CPU thread alone [loops/s]": median(got["cpu"])}
-    for ours, name in names.items():
-        out[f"flusher alone, {name} [flushes/s]"] = median(got[ours])
-    for ms, ours in windows[3:]:
-        at = f"switch interval {ms:g} ms"
-        out[f"{at}: flusher beside CPU, {names[ours]} [flushes/s]"] = median(
-            got[(ms, ours)]
-        )
-        out[f"{at}: CPU thread beside {names[ours]} [% of alone]"] = median(
-            share[(ms, ours)]
-        )
-        if ours and GIL:  # each flush, then one wait for the GIL
-            solo = median(got[True])
-            out[f"{at}: convoy model 1/(interval + 1/alone) [flushes/s]"] = 1 / (
+def run(ctx: c.Context) -> c.Figures:
+    n, secs = (3, 0.25) if ctx.quick else (10, 0.5)
+    with c.mapped_file(ctx.disk_dir, 16 * c.PAGE) as (m, _):
+        runs: dict[str, Callable[[], list[float]]] = {
+            "cpu": partial(c.threads, [c.cpu], secs)
+        }
+        for name, flush in c.FLUSHES.items():
+            runs[name] = partial(c.threads, [c.flusher(m, flush)], secs)
+            for ms in INTERVALS_MS:
+                pair = [c.cpu, c.flusher(m, flush)]
+                runs[f"{ms:g} ms: {name}"] = partial(c.threads, pair, secs, ms)
+        got = c.rounds(n, runs)
+    alone = [r for [r] in got["cpu"]]
+    out: c.Figures = {"CPU thread alone [loops/s]": c.median(alone)}
+    for name in c.FLUSHES:
+        out[f"flusher alone, {name} [flushes/s]"] = c.median(r for [r] in got[name])
+    solo = out["flusher alone, msyncext.flush [flushes/s]"]
+    for ms in INTERVALS_MS:
+        at = f"switch interval {ms:g} ms: "
+        for name in c.FLUSHES:
+            both = got[f"{ms:g} ms: {name}"]
+            out[f"{at}flusher beside CPU, {name} [flushes/s]"] = c.median(
+                f for _, f in both
+            )
+            out[f"{at}CPU thread beside {name} [% of alone]"] = c.median(
+                100 * r / a for (r, _), a in zip(both, alone, strict=True)
+            )
+        if c.GIL:  # each msyncext flush, then one wait for the GIL
+            out[f"{at}convoy model 1/(interval + 1/alone) [flushes/s]"] = 1 / (
                 ms / 1e3 + 1 / solo
             )
     return out

@@ -1,74 +1,64 @@
-"""B4: 256 scattered dirty pages of a 64 MiB disk-backed map, in one batch.
+"""B4: 256 scattered dirty pages of a 64 MiB file on disk, flushed in one batch,
+page-granular (and in full runs, with large folios; see common.mapped_file).
+The reference writes the same bytes with pwrite and one fdatasync."""
 
-Each page is re-dirtied (one byte) before every timed batch. The file is
-page-granular (see common.mapped_file); the "large folios" variant keeps the
-page cache as write(2) left it, where on Linux 6.16+ ext4 the same stores
-dirty whole folios, and every method writes far more. The reference writes
-the same bytes with os.pwrite and syncs them with one os.fdatasync: the
-device's floor for this I/O.
-"""
-
-from __future__ import annotations
-
+import mmap
 import os
 import random
 import time
 from collections.abc import Callable
+from functools import partial
 
-from common import MIB, PAGE, Context, Figures, dirty_pages, mapped_file, median, rotate
+import common as c
 
 import msyncext
 
-SIZE = 64 * MIB
-PAGES = sorted(random.Random(4).sample(range(SIZE // PAGE), 256))
-RANGES = [(p * PAGE, PAGE) for p in PAGES]
+SIZE = 64 * c.MIB
+PAGES = sorted(random.Random(4).sample(range(SIZE // c.PAGE), 256))
+RANGES = [(p * c.PAGE, c.PAGE) for p in PAGES]
 
 
-def run(ctx: Context) -> Figures:
-    out: Figures = {}
-    for granular in (True, False) if not ctx.quick else (True,):
-        prefix = "" if granular else "large folios: "
-        out |= batch(ctx, granular, prefix)
-    return out
+def batch(
+    m: mmap.mmap, fd: int, call: Callable[[], object], pwrite: bool
+) -> tuple[float, object]:
+    """Dirty one byte of each page (by pwrite for the reference), time one call."""
+    for p in PAGES:
+        if pwrite:
+            os.pwrite(fd, b"\x01", p * c.PAGE)
+        else:
+            m[p * c.PAGE] = 1
+    t0 = time.perf_counter()
+    result = call()
+    return (time.perf_counter() - t0) * 1e3, result
 
 
-def batch(ctx: Context, granular: bool, prefix: str) -> Figures:
-    rounds = 5 if ctx.quick else 15
-    with mapped_file(ctx.disk_dir, SIZE, page_granular=granular) as (m, fd):
-        flush, ranges = msyncext.flush, msyncext.flush_ranges
-        methods: dict[str, Callable[[], object]] = {
-            "flush_ranges(m, pairs)": lambda: ranges(m, RANGES),
-            "flush_ranges(m, pairs, max_gap=0)": lambda: ranges(m, RANGES, max_gap=0),
-            "loop of msyncext.flush(m, off, n)": lambda: [flush(m, *r) for r in RANGES],
-            "loop of m.flush(off, n)": lambda: [m.flush(*r) for r in RANGES],
-            "msyncext.flush(m), whole map": lambda: flush(m),
-            "reference: os.pwrite + os.fdatasync": lambda: os.fdatasync(fd),
-        }
-        ms: dict[str, list[float]] = {k: [] for k in methods}
-        calls: dict[str, object] = {}
-        dirty: list[int | None] = []
-        flush(m)
-        for r in range(rounds + 1):  # round 0 warms up
-            for name in rotate(list(methods), r):
-                if name.startswith("reference"):
-                    for p in PAGES:
-                        os.pwrite(fd, bytes([r]), p * PAGE)
-                else:
-                    for p in PAGES:
-                        m[p * PAGE] = r
-                    dirty.append(dirty_pages(fd))
-                t0 = time.perf_counter()
-                calls[name] = methods[name]()
-                if r:
-                    ms[name].append((time.perf_counter() - t0) * 1e3)
-    out: Figures = {f"{prefix}dirty pages after the 256 stores": dirty[-1]}
-    for name, values in ms.items():
-        out[f"{prefix}{name} [ms]"] = median(values)
-        if isinstance(calls[name], int):
-            out[f"{prefix}{name} [msync calls]"] = calls[name]
-    loop = out[f"{prefix}loop of m.flush(off, n) [ms]"]
-    for name in ("flush_ranges(m, pairs)", "msyncext.flush(m), whole map"):
-        out[f"{prefix}loop of m.flush / {name} [x]"] = (
-            loop / out[f"{prefix}{name} [ms]"]
-        )
+def loop(m: mmap.mmap, flush: Callable[..., object]) -> None:
+    for r in RANGES:
+        flush(m, *r)
+
+
+def run(ctx: c.Context) -> c.Figures:
+    out: c.Figures = {}
+    for p in ("",) if ctx.quick else ("", "large folios: "):
+        with c.mapped_file(ctx.disk_dir, SIZE, page_granular=not p) as (m, fd):
+            flush_ranges = partial(msyncext.flush_ranges, m, RANGES)
+            calls: dict[str, Callable[[], object]] = {
+                "flush_ranges(m, pairs)": flush_ranges,
+                "flush_ranges(m, pairs, max_gap=0)": partial(flush_ranges, max_gap=0),
+                "loop of msyncext.flush(m, off, n)": partial(loop, m, msyncext.flush),
+                "loop of m.flush(off, n)": partial(loop, m, mmap.mmap.flush),
+                "msyncext.flush(m), whole map": partial(msyncext.flush, m),
+                "reference: os.pwrite + os.fdatasync": partial(os.fdatasync, fd),
+            }
+            batch(m, fd, int, False)
+            out[f"{p}dirty pages after the 256 stores"] = c.dirty_pages(fd)
+            n = 6 if ctx.quick else 16  # the first round warms up
+            got = c.rounds(
+                n,
+                {k: partial(batch, m, fd, f, k[:3] == "ref") for k, f in calls.items()},
+            )
+        for name, runs in got.items():
+            out[f"{p}{name} [ms]"] = c.median(ms for ms, _ in runs[1:])
+            if isinstance(runs[-1][1], int):
+                out[f"{p}{name} [msync calls]"] = runs[-1][1]
     return out

@@ -1,43 +1,48 @@
-"""What every scenario shares: mapped temporary files, threads, libc msync."""
-
-from __future__ import annotations
+"""What the scenarios share: mapped temporary files, threads, rounds, pyperf."""
 
 import atexit
 import contextlib
 import ctypes
+import itertools
 import mmap
 import os
-import statistics
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from statistics import median as median
+from typing import Any, NamedTuple, TypeVar
 
 import msyncext
 
-PAGE = msyncext.PAGESIZE
-MIB = 1 << 20
-SHM = "/dev/shm"
+PAGE, MIB, SHM = msyncext.PAGESIZE, 1 << 20, "/dev/shm"
+GIL = getattr(sys, "_is_gil_enabled", lambda: True)()
+FLUSHES = {"msyncext.flush": msyncext.flush, "mmap.flush": mmap.mmap.flush}
+Figures = dict[str, Any]  # "label [unit]" -> value, as printed and saved
+Body = Callable[[list[bool]], float]  # loops until stop[0]; returns a count
+K = TypeVar("K")
+V = TypeVar("V")
+kept = contextlib.ExitStack()  # maps that pyperf's workers time, closed at exit
+atexit.register(kept.close)
 
-Figures = dict[str, Any]  # label (unit in brackets) -> value, as printed and saved
 
-
-@dataclass
-class Context:
+class Context(NamedTuple):
     quick: bool
     disk_dir: str
     runner: Any  # pyperf.Runner
 
 
-def pyperf_ns(ctx: Context, name: str, time_func: Any, *args: Any) -> Figures:
-    """Time ``time_func(loops, *args)`` with pyperf: mean and stdev in ns.
+def loop_time(loops: int, call: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    for _ in itertools.repeat(None, loops):
+        call()
+    return time.perf_counter() - t0
 
-    Empty in pyperf's worker processes, which only measure and report.
-    """
-    bench = ctx.runner.bench_time_func(name, time_func, *args)
+
+def pyperf_ns(ctx: Context, name: str, call: Callable[[], object]) -> Figures:
+    """pyperf's mean and stdev of one call; empty in pyperf's worker processes."""
+    bench = ctx.runner.bench_time_func(name, loop_time, call)
     if ctx.runner.args.worker or bench is None:
         return {}
     return {
@@ -48,21 +53,15 @@ def pyperf_ns(ctx: Context, name: str, time_func: Any, *args: Any) -> Figures:
 
 @contextlib.contextmanager
 def mapped_file(
-    directory: str, size: int, *, page_granular: bool = True
+    directory: str, size: int, page_granular: bool = True
 ) -> Iterator[tuple[mmap.mmap, int]]:
-    """A temporary file of real (written, synced) data, mapped shared.
-
-    page_granular: drop the file from the page cache and map it with
-    MADV_RANDOM, so that each fault brings in one base page. Otherwise the
-    cache keeps what write(2) left, which on Linux 6.16+ ext4 is large folios:
-    a one-byte store then dirties a whole folio (up to hundreds of pages) and
-    every flush writes all of it. The file is always deleted.
-    """
+    """A temporary file of real data, mapped. page_granular: drop it from the page
+    cache and map it MADV_RANDOM, so a store dirties one page; else the cache keeps
+    what write(2) left: on Linux 6.16+ ext4, large folios, each dirtied whole."""
     fd, path = tempfile.mkstemp(prefix="msyncext-bench-", dir=directory)
     try:
-        chunk = b"\x5a" * min(size, 4 * MIB)
-        for start in range(0, size, len(chunk)):
-            os.write(fd, chunk[: size - start])
+        for start in range(0, size, 4 * MIB):
+            os.write(fd, b"\x5a" * min(size - start, 4 * MIB))
         os.fsync(fd)
         if page_granular:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -75,75 +74,59 @@ def mapped_file(
         os.unlink(path)
 
 
-_kept = contextlib.ExitStack()
-atexit.register(_kept.close)
-
-
-def kept_map(directory: str, size: int = 16 * PAGE) -> tuple[mmap.mmap, int]:
-    """A mapped file that lives until the process exits (for pyperf workers)."""
-    return _kept.enter_context(mapped_file(directory, size))
-
-
-def libc_msync() -> Callable[[int, int, int], int]:
-    """libc msync through ctypes, as a user would declare it."""
+def libc_msync(m: mmap.mmap) -> tuple[Callable[[int, int, int], int], int]:
+    """libc msync through ctypes, as a user declares it, and the map's address."""
     fn = ctypes.CDLL(None, use_errno=True).msync
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn  # type: ignore[no-any-return]
-
-
-def pinned_address(m: mmap.mmap) -> int:
-    """The map's address, pinned (exported) as a ctypes user's would be.
-
-    The pin is dropped at exit, before kept maps close.
-    """
-    pin = ctypes.c_char.from_buffer(m)
-    _kept.callback(lambda: pins.remove(pin))
-    pins.append(pin)
-    return ctypes.addressof(pin)
-
-
-pins: list[object] = []
+    fn.argtypes, fn.restype = (
+        [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int],
+        ctypes.c_int,
+    )
+    return fn, ctypes.addressof(ctypes.c_char.from_buffer(m))  # valid until m closes
 
 
 def dirty_pages(fd: int) -> int | None:
     """Dirty and write-back pages of the file by cachestat(2) (Linux 6.5+)."""
-    out = (ctypes.c_uint64 * 5)()
-    rng = (ctypes.c_uint64 * 2)(0, 0)
-    if not sys.platform.startswith("linux"):
-        return None
-    if ctypes.CDLL(None).syscall(451, fd, rng, out, 0) != 0:
+    out, rng = (ctypes.c_uint64 * 5)(), (ctypes.c_uint64 * 2)(0, 0)
+    if sys.platform != "linux" or ctypes.CDLL(None).syscall(451, fd, rng, out, 0):
         return None
     return int(out[1] + out[2])
 
 
-Body = Callable[[list[bool]], float]  # loops until stop[0]; returns a count
+def rounds(n: int, contenders: dict[K, Callable[[], V]]) -> dict[K, list[V]]:
+    """Call each contender once a round, each round starting at the next one, so
+    that all see the same files, page states and background load."""
+    got: dict[K, list[V]] = {k: [] for k in contenders}
+    keys = list(contenders)
+    for r in range(n):
+        for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            got[k].append(contenders[k]())
+    return got
 
 
-def run_threads(bodies: list[Body], secs: float) -> list[float]:
-    """Run the bodies in threads for ``secs``; return each one's count per second."""
-    stop = [False]
-    rates = [0.0] * len(bodies)
+def threads(bodies: list[Body], secs: float, ms: float | None = None) -> list[float]:
+    """Run the bodies in threads for secs (at a switch interval of ms); counts/s."""
+    stop, rates, default = [False], [0.0] * len(bodies), sys.getswitchinterval()
     ready = threading.Barrier(len(bodies) + 1)
 
     def one(i: int) -> None:
         ready.wait()
         t0 = time.perf_counter()
-        count = bodies[i](stop)
-        rates[i] = count / (time.perf_counter() - t0)
+        rates[i] = bodies[i](stop) / (time.perf_counter() - t0)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
-    for t in threads:
+    started = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
+    sys.setswitchinterval(ms / 1e3 if ms else default)
+    for t in started:
         t.start()
     ready.wait()
     time.sleep(secs)
     stop[0] = True
-    for t in threads:
+    for t in started:
         t.join()
+    sys.setswitchinterval(default)
     return rates
 
 
-def cpu_body(stop: list[bool]) -> float:
+def cpu(stop: list[bool]) -> float:
     """A CPU-bound Python thread: counts loop iterations."""
     n = 0
     while not stop[0]:
@@ -151,11 +134,15 @@ def cpu_body(stop: list[bool]) -> float:
     return n
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values)
+def flusher(m: mmap.mmap, flush: Callable[..., object]) -> Body:
+    """A durable record write, again and again: dirty one byte, flush its page."""
 
+    def body(stop: list[bool]) -> float:
+        n = 0
+        while not stop[0]:
+            m[0] = n & 0xFF
+            flush(m, 0, PAGE)
+            n += 1
+        return n
 
-def rotate(items: list[Any], k: int) -> list[Any]:
-    """Each round starts at another contender, so none always goes first."""
-    k %= len(items)
-    return items[k:] + items[:k]
+    return body

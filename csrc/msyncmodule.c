@@ -1704,21 +1704,29 @@ static PyModuleDef_Slot msync_slots[4] = {
     {0, NULL},
 };
 
-static pthread_once_t slots_once = PTHREAD_ONCE_INIT;
+/* Filled on the first PyInit; interpreters with their own GIL may import
+ * at the same time, so every store is atomic (and stores the same values).
+ * Not pthread_once: that would raise the wheel's glibc floor to 2.34. */
+static int slots_filled;
 
 static void
 fill_slots(void)
 {
     int n = 1;
+    if (__atomic_load_n(&slots_filled, __ATOMIC_ACQUIRE))
+        return;
     if (Py_Version >= 0x030C0000) {
-        msync_slots[n].slot = SLOT_MULTIPLE_INTERPRETERS;
-        msync_slots[n].value = PER_INTERPRETER_GIL_SUPPORTED;
+        __atomic_store_n(&msync_slots[n].slot, SLOT_MULTIPLE_INTERPRETERS,
+                         __ATOMIC_RELAXED);
+        __atomic_store_n(&msync_slots[n].value, PER_INTERPRETER_GIL_SUPPORTED,
+                         __ATOMIC_RELAXED);
         n++;
     }
     if (Py_Version >= 0x030D0000) {
-        msync_slots[n].slot = SLOT_GIL;
-        msync_slots[n].value = GIL_NOT_USED;
+        __atomic_store_n(&msync_slots[n].slot, SLOT_GIL, __ATOMIC_RELAXED);
+        __atomic_store_n(&msync_slots[n].value, GIL_NOT_USED, __ATOMIC_RELAXED);
     }
+    __atomic_store_n(&slots_filled, 1, __ATOMIC_RELEASE);
 }
 
 static struct PyModuleDef msync_module = {
@@ -1736,6 +1744,6 @@ static struct PyModuleDef msync_module = {
 PyMODINIT_FUNC
 PyInit__msync(void)
 {
-    pthread_once(&slots_once, fill_slots);
+    fill_slots();
     return PyModuleDef_Init(&msync_module);
 }

@@ -190,7 +190,7 @@ def loop_unavailable() -> str | None:
     return None
 
 
-def _retry(action: Callable[[], object], what: str, seconds: float = 10.0) -> None:
+def retry(action: Callable[[], object], what: str, seconds: float = 10.0) -> None:
     """Run ``action`` until it stops failing (devices let go asynchronously)."""
     deadline = time.monotonic() + seconds
     while True:
@@ -205,7 +205,7 @@ def _retry(action: Callable[[], object], what: str, seconds: float = 10.0) -> No
 
 def _unmount(mountpoint: str) -> None:
     try:
-        _retry(lambda: _run("umount", mountpoint), f"unmount {mountpoint}")
+        retry(lambda: _run("umount", mountpoint), f"unmount {mountpoint}")
     except RuntimeError:
         # Never leave a mount behind: detach it lazily, then still report.
         subprocess.run(["umount", "-l", mountpoint], timeout=60, check=False)

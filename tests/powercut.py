@@ -42,9 +42,10 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+
+from blockdev import retry
 
 # _IOR('X', 125, __u32): EXT4_IOC_SHUTDOWN, XFS_IOC_GOINGDOWN, FS_IOC_SHUTDOWN.
 FS_IOC_SHUTDOWN = 0x8004587D
@@ -130,18 +131,6 @@ def fs_unavailable(name: str) -> str | None:
 # Small pieces, each undone by an ExitStack callback
 
 
-def _retry(action: Callable[[], object], what: str, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            action()
-            return
-        except RuntimeError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"gave up trying to {what}") from None
-            time.sleep(0.1)
-
-
 def is_mounted(mountpoint: str) -> bool:
     """Whether something is mounted at ``mountpoint``, from the mount table.
 
@@ -165,7 +154,7 @@ def unmount(mountpoint: str) -> None:
     if not is_mounted(mountpoint):
         return
     try:
-        _retry(lambda: run("umount", mountpoint), f"unmount {mountpoint}")
+        retry(lambda: run("umount", mountpoint), f"unmount {mountpoint}")
     except RuntimeError:
         # Never leave a mount behind: detach it lazily, then still report.
         subprocess.run(["umount", "-l", mountpoint], timeout=60, check=False)
