@@ -15,7 +15,9 @@
 # Usage: .ci/wheels.sh [--worktree]
 #   --worktree   take the working tree's tracked and untracked, not ignored,
 #                files instead of HEAD: try a change before committing it.
-# Environment: PYTHON (default python3), KEEP_WORK=1 keeps the temp directory.
+# Environment: PYTHON (default python3), KEEP_WORK=1 keeps the temp directory,
+# WHEELHOUSE_OUT=DIR copies the repaired (tested) wheel into DIR at the end,
+# for .ci/matrix.sh to test on the other Pythons without building it again.
 set -euo pipefail
 shopt -s nullglob
 
@@ -181,7 +183,8 @@ python_layer = {
     for p in (src / "msyncext").glob(pattern)
 }
 
-# sdist: what builds, what tests, what documents; nothing from .ci/, benchmarks/.
+# sdist: what builds, what tests, what documents, and the benchmarks the README
+# tells readers to run (MANIFEST.in); nothing from .ci/.
 name, sdist_version = parse_sdist_filename(sdist.name)
 if sdist_version != Version(version):
     problems.append(f"sdist version {sdist_version} != __version__ {version}")
@@ -192,7 +195,7 @@ with tarfile.open(sdist) as tar:
     pkg_info = tar.extractfile(prefix + "PKG-INFO").read().decode()
 required = (
     {"pyproject.toml", "setup.py", "README.md", "CHANGES.md", "LICENSE", "PKG-INFO"}
-    | files_under("csrc", "tests")
+    | files_under("csrc", "tests", "benchmarks")
     | python_layer
 )
 compare(
@@ -322,6 +325,12 @@ with tempfile.TemporaryFile() as f:
     assert os.pread(f.fileno(), 6, 0) == b"synced"
 print("sdist install: flushed one page with", m.__file__)
 ')
+
+if [[ -n ${WHEELHOUSE_OUT:-} ]]; then
+    mkdir -p "$WHEELHOUSE_OUT"
+    cp "$repaired" "$WHEELHOUSE_OUT/"
+    echo "wheels.sh: left $(basename "$repaired") in $WHEELHOUSE_OUT"
+fi
 
 step "summary"
 echo "sdist:          $(basename "$sdist")"
