@@ -141,6 +141,18 @@ from packaging.utils import parse_sdist_filename, parse_wheel_filename
 from packaging.version import Version
 
 src, sdist, wheel, repaired = (Path(a) for a in sys.argv[1:5])
+
+
+def glibc_floor(platform_tag):
+    """(major, minor) of the oldest glibc a manylinux tag allows."""
+    import re
+
+    legacy = {"manylinux1": (2, 5), "manylinux2010": (2, 12), "manylinux2014": (2, 17)}
+    for name, version in legacy.items():
+        if platform_tag.startswith(name + "_"):
+            return version
+    found = re.match(r"manylinux_(\d+)_(\d+)_", platform_tag)
+    return (int(found[1]), int(found[2])) if found else (99, 99)
 machine = sys.argv[5]
 problems = []
 
@@ -215,8 +227,11 @@ module = (
 )
 for whl, plat_ok in (
     (wheel, lambda p: p == f"linux_{machine}"),
-    # manylinux_X_Y plus legacy aliases such as manylinux1 or manylinux2014.
-    (repaired, lambda p: p.startswith("manylinux") and p.endswith(f"_{machine}")),
+    # manylinux_X_Y plus legacy aliases such as manylinux1 or manylinux2014,
+    # and no newer glibc than 2.17 (manylinux2014): a symbol version that
+    # raises the floor (pthread_once is GLIBC_2.34) must be noticed.
+    (repaired, lambda p: p.startswith("manylinux") and p.endswith(f"_{machine}")
+        and glibc_floor(p) <= (2, 17)),
 ):
     _, whl_version, _, tags = parse_wheel_filename(whl.name)
     if whl_version != Version(version):
