@@ -1683,14 +1683,17 @@ msync_free(void *module)
  * given here and added at run time when Py_Version says the interpreter
  * knows them (3.11 rejects unknown slots). 3.15's headers give them new
  * numbers, and 3.15 still accepts the old ones. */
-#if defined(Py_mod_multiple_interpreters)
+/* Keyed on the value macros: 3.15's headers define the slot numbers at
+ * every limited-API level, their values only from the level that added
+ * them. */
+#if defined(Py_MOD_PER_INTERPRETER_GIL_SUPPORTED)
 #define SLOT_MULTIPLE_INTERPRETERS Py_mod_multiple_interpreters
 #define PER_INTERPRETER_GIL_SUPPORTED Py_MOD_PER_INTERPRETER_GIL_SUPPORTED
 #else
 #define SLOT_MULTIPLE_INTERPRETERS 3  /* its stable-ABI number, from 3.12 */
 #define PER_INTERPRETER_GIL_SUPPORTED ((void *)2)
 #endif
-#if defined(Py_mod_gil)
+#if defined(Py_MOD_GIL_NOT_USED)
 #define SLOT_GIL Py_mod_gil
 #define GIL_NOT_USED Py_MOD_GIL_NOT_USED
 #else
