@@ -9,6 +9,7 @@ folder beside this directory.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
 import tempfile
@@ -67,6 +68,26 @@ class MappedFile(NamedTuple):
 
 
 MapFactory = Callable[..., MappedFile]
+
+
+@contextlib.contextmanager
+def mlocked(m: mmap.mmap, offset: int, length: int) -> Iterator[None]:
+    """mlock bytes [offset, offset + length) of a map (skip if refused).
+
+    MS_INVALIDATE over locked pages fails with EBUSY: a real msync failure
+    that needs no device. The export taken to find the address is dropped
+    at once, so the map can still be closed.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    anchor = ctypes.c_char.from_buffer(m)
+    address = ctypes.c_void_p(ctypes.addressof(anchor) + offset)
+    del anchor
+    if libc.mlock(address, ctypes.c_size_t(length)) != 0:
+        pytest.skip(f"mlock failed: {os.strerror(ctypes.get_errno())}")
+    try:
+        yield
+    finally:
+        libc.munlock(address, ctypes.c_size_t(length))
 
 
 # A file's page cache may be held in large folios (ext4 has them since Linux

@@ -16,12 +16,18 @@ from typing import Any
 import numpy as np
 import pytest
 from blockdev import cachestat
-from conftest import PAGE, MapFactory, MappedFile, needs_cachestat, sparse_memmap
+from conftest import (
+    PAGE,
+    MapFactory,
+    MappedFile,
+    mlocked,
+    needs_cachestat,
+    sparse_memmap,
+)
 
 import msyncext
 
 SYNC, ASYNC, INVAL = msyncext.MS_SYNC, msyncext.MS_ASYNC, msyncext.MS_INVALIDATE
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def address_of(buf: Any) -> int:
@@ -285,25 +291,17 @@ def test_size_zero_makes_no_syscall(shm_map: MapFactory) -> None:
     # MS_INVALIDATE over a locked page fails with EBUSY when msync runs, so a
     # silent success with size=0 shows that no syscall was made.
     mapped = shm_map(4 * PAGE)
-    address = address_of(mapped.map)
-    if _libc.mlock(ctypes.c_void_p(address), ctypes.c_size_t(PAGE)) != 0:
-        pytest.skip(f"mlock failed: {os.strerror(ctypes.get_errno())}")
-    try:
+    with mlocked(mapped.map, 0, PAGE):
         msyncext.flush(mapped.map, 10, 0, flags=SYNC | INVAL)
         msyncext.flush(mapped.map, 4 * PAGE, None, flags=SYNC | INVAL)
         with pytest.raises(OSError, match="busy") as info:
             msyncext.flush(mapped.map, 10, 1, flags=SYNC | INVAL)
         assert info.value.errno == errno.EBUSY
-    finally:
-        _libc.munlock(ctypes.c_void_p(address), ctypes.c_size_t(PAGE))
 
 
 def test_failed_msync_raises_oserror_naming_the_range(shm_map: MapFactory) -> None:
     mapped = shm_map(4 * PAGE)
-    address = address_of(mapped.map)
-    if _libc.mlock(ctypes.c_void_p(address + PAGE), ctypes.c_size_t(PAGE)) != 0:
-        pytest.skip(f"mlock failed: {os.strerror(ctypes.get_errno())}")
-    try:
+    with mlocked(mapped.map, PAGE, PAGE):
         where = f"buffer bytes [{PAGE + 4}, {PAGE + 104})"
         with pytest.raises(OSError, match=re.escape(where)) as info:
             msyncext.flush(mapped.map, PAGE + 4, 100, flags=SYNC | INVAL)
@@ -318,8 +316,6 @@ def test_failed_msync_raises_oserror_naming_the_range(shm_map: MapFactory) -> No
         # Pages outside the locked one are not affected.
         msyncext.flush(mapped.map, 0, PAGE, flags=SYNC | INVAL)
         msyncext.flush(mapped.map, 2 * PAGE, flags=SYNC | INVAL)
-    finally:
-        _libc.munlock(ctypes.c_void_p(address + PAGE), ctypes.c_size_t(PAGE))
     mapped.map.close()  # the failed call left no export behind
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import itertools
 import mmap
@@ -15,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from blockdev import cachestat
-from conftest import PAGE, MapFactory, needs_cachestat, sparse_memmap
+from conftest import PAGE, MapFactory, mlocked, needs_cachestat, sparse_memmap
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -349,13 +348,7 @@ def test_every_access_kind_and_flag(shm_map: MapFactory) -> None:
 
 def test_failure_stops_the_batch_and_names_the_run(shm_map: MapFactory) -> None:
     mapped = shm_map(8 * PAGE)
-    libc = ctypes.CDLL(None, use_errno=True)
-    holder = ctypes.c_char.from_buffer(mapped.map)
-    address = ctypes.addressof(holder)
-    del holder
-    if libc.mlock(ctypes.c_void_p(address + 4 * PAGE), ctypes.c_size_t(PAGE)) != 0:
-        pytest.skip(f"mlock failed: {os.strerror(ctypes.get_errno())}")
-    try:
+    with mlocked(mapped.map, 4 * PAGE, PAGE):
         with pytest.raises(
             OSError, match=rf"buffer bytes \[{4 * PAGE}, {5 * PAGE}\)"
         ) as info:
@@ -366,8 +359,6 @@ def test_failure_stops_the_batch_and_names_the_run(shm_map: MapFactory) -> None:
                 max_gap=0,
             )
         assert info.value.errno == errno.EBUSY
-    finally:
-        libc.munlock(ctypes.c_void_p(address + 4 * PAGE), ctypes.c_size_t(PAGE))
     mapped.map.close()  # no export left behind
 
 
@@ -410,13 +401,7 @@ def test_invalidate_does_not_merge_across_a_locked_gap(shm_map: MapFactory) -> N
     # Page 5 is mlocked; MS_INVALIDATE over it fails with EBUSY. With the
     # default max_gap, the two ranges would merge into pages 0..10.
     mapped = shm_map(16 * PAGE)
-    libc = ctypes.CDLL(None, use_errno=True)
-    holder = ctypes.c_char.from_buffer(mapped.map)
-    address = ctypes.addressof(holder)
-    del holder
-    if libc.mlock(ctypes.c_void_p(address + 5 * PAGE), ctypes.c_size_t(PAGE)) != 0:
-        pytest.skip(f"mlock failed: {os.strerror(ctypes.get_errno())}")
-    try:
+    with mlocked(mapped.map, 5 * PAGE, PAGE):
         pairs = [(0, 1), (10 * PAGE, 1)]
         for flags in (SYNC | INVAL, ASYNC | INVAL):
             if flags not in msyncext.VALID_FLAGS:
@@ -431,8 +416,6 @@ def test_invalidate_does_not_merge_across_a_locked_gap(shm_map: MapFactory) -> N
             )
         assert info.value.errno == errno.EBUSY
         assert not isinstance(info.value, msyncext.WritebackError)
-    finally:
-        libc.munlock(ctypes.c_void_p(address + 5 * PAGE), ctypes.c_size_t(PAGE))
     mapped.map.close()
 
 
