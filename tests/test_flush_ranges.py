@@ -515,14 +515,14 @@ def test_a_signal_handler_stops_a_long_batch(disk_map: MapFactory) -> None:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-    # Handled within the check interval (20 ms) plus one msync, with a wide
-    # margin for a loaded machine; the whole batch would have taken longer.
-    assert handled < 0.1 + 0.2, f"handled after {handled:.3f} s"
+    # The handler ran while the batch was still going: it stopped the batch
+    # (0 < done < total below), which the whole batch outlasts by far. No
+    # bound in seconds: another job on the machine can slow each msync.
     notes = getattr(info.value, "__notes__", [])
     assert len(notes) == 1, notes
     found = re.search(r"after (\d+) of (\d+) msync calls", notes[0])
     assert found, notes
     done, total = int(found[1]), int(found[2])
     assert total == len(pairs)
-    assert 0 < done < total
+    assert 0 < done < total, f"handled after {handled:.3f} s"
     mapped.map.close()  # no export left behind
