@@ -27,7 +27,9 @@ FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 DEBUG = os.environ.get("MSYNCEXT_DEBUG", "") == "1"
 WERROR = os.environ.get("MSYNCEXT_WERROR", "") == "1"
 
-compile_args = ["-Wall", "-Wextra", "-std=c11"]
+# -fvisibility=hidden: the C files share functions, and only PyInit__msync
+# (PyMODINIT_FUNC marks it visible) may leave the .so.
+compile_args = ["-Wall", "-Wextra", "-std=c11", "-fvisibility=hidden"]
 if WERROR:
     compile_args.append("-Werror")
 if DEBUG:
@@ -50,7 +52,14 @@ setup(
     ext_modules=[
         Extension(
             "msyncext._msync",
-            sources=["csrc/msyncmodule.c"],
+            sources=[
+                "csrc/args.c",
+                "csrc/batch.c",
+                "csrc/module.c",
+                "csrc/pin.c",
+                "csrc/writeback.c",
+            ],
+            depends=["csrc/msyncext.h"],
             define_macros=define_macros,
             extra_compile_args=compile_args,
             py_limited_api=not FREE_THREADED,

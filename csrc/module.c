@@ -1,0 +1,613 @@
+/*
+ * msyncext._msync: msync(2) on the memory behind a Python buffer, with the
+ * GIL released for the syscalls alone.
+ *
+ * The Python layer (msyncext/__init__.py) holds the public surface and the
+ * defaults; the C files check every argument they rely on, because a wrong
+ * range here means a syscall on memory the caller never named.
+ *
+ * Written against the limited API of 3.11, so one abi3 wheel serves every
+ * GIL build; free-threaded builds compile the same source without
+ * Py_LIMITED_API.
+ *
+ * This file holds the module: the syscall and how its failures are raised,
+ * the methods, constants and slots. It is the only file that uses all the
+ * others (msyncext.h lists them), so each of those keeps one concern.
+ */
+#include "msyncext.h"
+
+#if defined(_WIN32)
+#error "msyncext needs POSIX msync(2); Windows is not supported"
+#endif
+
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef MSYNCEXT_BUILD_MODE
+#define MSYNCEXT_BUILD_MODE "release"
+#endif
+
+/* While a batch runs without the GIL, signals are checked whenever this
+ * much time has passed since the last check (after the msync in flight). */
+#define SIGNAL_CHECK_NS (20 * 1000 * 1000)
+
+static inline module_state *
+get_state(PyObject *module)
+{
+    return (module_state *)PyModule_GetState(module);
+}
+
+/* ------------------------------------------------------------------------
+ * The syscall
+ */
+
+/* msync one page span, honouring the failure record. No GIL needed. */
+static int
+sync_span(char *start, size_t length, int flags, int *err)
+{
+    uintptr_t lo = (uintptr_t)start, hi = lo + length;
+
+    if (wb_any() && wb_check(lo, hi, err))
+        return SYNC_REFUSED;
+    if (msync(start, length, flags) != 0) {
+        *err = errno;
+        if (!is_writeback_errno(*err))
+            return SYNC_FAILED;
+        wb_begin_failure();
+        *err = wb_record(lo, hi, *err);
+        return SYNC_WRITEBACK;
+    }
+    /* Another thread may have seen this file fail while our msync ran (the
+     * kernel reports each failure once): its record speaks for us too. */
+    if (wb_any() && wb_check(lo, hi, err))
+        return SYNC_REFUSED;
+    return SYNC_OK;
+}
+
+/* OSError (or WritebackError) with errno, os.strerror(errno) as strerror
+ * and the byte range, as buffer offsets, where OSError puts a file name.
+ * Steals the reference to where. */
+static void
+raise_sync_error(module_state *st, int outcome, int err, PyObject *where)
+{
+    PyObject *cls, *exc;
+
+    if (where == NULL)
+        return;
+    cls = outcome == SYNC_FAILED || st->writeback_error == NULL
+              ? PyExc_OSError
+              : st->writeback_error;
+    exc = PyObject_CallFunction(cls, "isO", err, strerror(err), where);
+    Py_DECREF(where);
+    if (exc != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+}
+
+/* The page-aligned span covering [addr, addr + size), size > 0, rounded up
+ * to whole pages: what msync is given, and what messages print. */
+static void
+pages_covering(const char *addr, Py_ssize_t size, Py_ssize_t pagesize,
+               char **start, size_t *length)
+{
+    uintptr_t mask = (uintptr_t)pagesize - 1;
+    uintptr_t first = (uintptr_t)addr & ~mask;
+    uintptr_t end = ((uintptr_t)addr + (uintptr_t)size + mask) & ~mask;
+    *start = (char *)first;
+    *length = (size_t)(end - first);
+}
+
+/* ------------------------------------------------------------------------
+ * flush()
+ */
+
+/* Positional-or-keyword offset and size, keyword-only flags, parsed by
+ * hand: the limited API has no fast argument parser, and PyArg_Parse* on
+ * the hot path would cost more than the rest of the call. */
+static int
+parse_flush_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                 PyObject **slots)
+{
+    static const char *const names[] = {"buf", "offset", "size", "flags"};
+    Py_ssize_t i, nkw = 0;
+    int k;
+
+    if (nargs > 3) {
+        PyErr_Format(PyExc_TypeError,
+                     "flush() takes from 1 to 3 positional arguments "
+                     "but %zd were given", nargs);
+        return -1;
+    }
+    for (i = 0; i < nargs; i++)
+        slots[i] = args[i];
+    if (kwnames != NULL && (nkw = PyTuple_Size(kwnames)) < 0)
+        return -1;
+    for (i = 0; i < nkw; i++) {
+        PyObject *name = PyTuple_GetItem(kwnames, i);
+        if (name == NULL)
+            return -1;
+        for (k = 0; k < 4; k++) {
+            if (PyUnicode_CompareWithASCIIString(name, names[k]) == 0)
+                break;
+        }
+        if (k == 4) {
+            PyErr_Format(PyExc_TypeError,
+                         "flush() got an unexpected keyword argument %R",
+                         name);
+            return -1;
+        }
+        if (slots[k] != NULL) {
+            PyErr_Format(PyExc_TypeError,
+                         "flush() got multiple values for argument '%s'",
+                         names[k]);
+            return -1;
+        }
+        slots[k] = args[nargs + i];
+    }
+    if (slots[0] == NULL) {
+        PyErr_SetString(PyExc_TypeError,
+                        "flush() missing required argument 'buf'");
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(flush_doc,
+"flush($module, /, buf, offset=0, size=None, *, flags=MS_SYNC)\n--\n\n"
+"Write back the pages holding buf[offset:offset+size] with msync(2).\n\n"
+"offset and size are bytes relative to the start of buf, which need not be\n"
+"page aligned: exactly the pages the range touches are synced. size=None\n"
+"means to the end of buf; size=0 makes no syscall. flags is one of\n"
+"VALID_FLAGS. The GIL is released for the syscall, and the mapping under\n"
+"buf cannot be closed or resized meanwhile. Raises OSError (errno kept)\n"
+"if msync fails, WritebackError if write-back of the file failed, now or\n"
+"in an earlier flush.");
+
+static PyObject *
+msync_flush(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+            PyObject *kwnames)
+{
+    module_state *st = get_state(module);
+    PyObject *slots[4] = {NULL, NULL, NULL, NULL};
+    pinned pin;
+    Py_ssize_t offset = 0, size = 0, len;
+    int flags = MS_SYNC, outcome, err = 0;
+    char *start;
+    size_t length;
+
+    if (parse_flush_args(args, nargs, kwnames, slots) < 0)
+        return NULL;
+    if (slots[1] != NULL && flush_count_arg(slots[1], "offset", &offset) < 0)
+        return NULL;
+    if (slots[2] == Py_None)
+        slots[2] = NULL;
+    if (slots[2] != NULL && flush_count_arg(slots[2], "size", &size) < 0)
+        return NULL;
+    if (slots[3] != NULL && to_flags(slots[3], &flags) < 0)
+        return NULL;
+
+    if (pin_buffer(st, slots[0], &pin) < 0)
+        return NULL;
+    len = pin.view.len;
+    if (offset > len) {
+        PyErr_Format(PyExc_ValueError,
+                     "offset %zd is past the end of a %zd-byte buffer",
+                     offset, len);
+        goto error;
+    }
+    if (slots[2] == NULL) {
+        size = len - offset;
+    }
+    else if (len - offset < size) {
+        PyErr_Format(PyExc_ValueError,
+                     "size %zd runs past the end of a %zd-byte buffer "
+                     "at offset %zd", size, len, offset);
+        goto error;
+    }
+    if (size == 0) {
+        unpin_buffer(&pin);
+        Py_RETURN_NONE;
+    }
+
+    pages_covering((const char *)pin.view.buf + offset, size, st->pagesize,
+                   &start, &length);
+    Py_BEGIN_ALLOW_THREADS
+    outcome = sync_span(start, length, flags, &err);
+    Py_END_ALLOW_THREADS
+    unpin_buffer(&pin);
+    if (outcome != SYNC_OK) {
+        raise_sync_error(st, outcome, err,
+                         PyUnicode_FromFormat("buffer bytes [%zd, %zd)",
+                                              offset, offset + size));
+        return NULL;
+    }
+    Py_RETURN_NONE;
+
+error:
+    unpin_buffer(&pin);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------
+ * flush_batch() and batch_runs(), over the runs batch.c plans
+ */
+
+static uint64_t
+monotonic_ns(void)
+{
+    struct timespec ts;
+#if defined(CLOCK_MONOTONIC_COARSE)
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+#else
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+#endif
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Tell the signal handler's exception how far the batch got. */
+static void
+note_interrupted(Py_ssize_t done, Py_ssize_t total)
+{
+    PyObject *type, *value, *tb, *note, *res;
+
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (value != NULL) {
+        if (tb != NULL)
+            PyException_SetTraceback(value, tb);
+        note = PyUnicode_FromFormat(
+            "msyncext.flush_ranges was interrupted after %zd of %zd msync "
+            "calls: the pages of those runs were written back, the rest "
+            "were not flushed", done, total);
+        if (note != NULL) {
+            res = PyObject_CallMethod(value, "add_note", "O", note);
+            Py_XDECREF(res);
+            Py_DECREF(note);
+            PyErr_Clear();
+        }
+    }
+    PyErr_Restore(type, value, tb);
+}
+
+PyDoc_STRVAR(flush_batch_doc,
+"flush_batch($module, buf, ranges, flags, max_gap, /)\n--\n\n"
+"Check every (offset, size) pair of ranges, merge their covering pages into\n"
+"sorted runs and msync each run, with the GIL released once for the batch\n"
+"(and taken back at most every 20 ms to run signal handlers). Returns the\n"
+"number of msync calls. Use msyncext.flush_ranges.");
+
+static PyObject *
+msync_flush_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    module_state *st = get_state(module);
+    pinned pin;
+    batch b;
+    Py_ssize_t done = 0;
+    int flags, outcome = SYNC_OK, err = 0, interrupted = 0;
+    char *base;
+
+    if (plan_batch(st, args, nargs, "flush_batch", &pin, &b, &flags) < 0)
+        return NULL;
+    base = (char *)pin.view.buf - b.head;
+    if (b.len > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        uint64_t last_check = monotonic_ns();
+        for (done = 0; done < b.len; done++) {
+            page_span *run = &b.items[done];
+            outcome = sync_span(base + run->first * b.pagesize,
+                                (size_t)(run->last - run->first + 1)
+                                    * (size_t)b.pagesize,
+                                flags, &err);
+            if (outcome != SYNC_OK)
+                break;
+            if (done + 1 < b.len
+                && monotonic_ns() - last_check >= SIGNAL_CHECK_NS) {
+                int signalled;
+                Py_BLOCK_THREADS
+                signalled = PyErr_CheckSignals();
+                Py_UNBLOCK_THREADS
+                if (signalled < 0) {
+                    interrupted = 1;
+                    done++;
+                    break;
+                }
+                last_check = monotonic_ns();
+            }
+        }
+        Py_END_ALLOW_THREADS
+    }
+    if (interrupted) {
+        note_interrupted(done, b.len);
+    }
+    else if (outcome != SYNC_OK) {
+        /* The failed run, as buffer offsets (clipped to the buffer). */
+        page_span *run = &b.items[done];
+        Py_ssize_t lo = run->first * b.pagesize - b.head;
+        Py_ssize_t hi = (run->last + 1) * b.pagesize - b.head;
+        if (lo < 0)
+            lo = 0;
+        if (hi > b.nbytes)
+            hi = b.nbytes;
+        raise_sync_error(st, outcome, err,
+                         PyUnicode_FromFormat(
+                             "buffer bytes [%zd, %zd), run %zd of %zd",
+                             lo, hi, done + 1, b.len));
+    }
+    PyMem_Free(b.items);
+    unpin_buffer(&pin);
+    if (interrupted || outcome != SYNC_OK)
+        return NULL;
+    return PyLong_FromSsize_t(done);
+}
+
+PyDoc_STRVAR(batch_runs_doc,
+"batch_runs($module, buf, ranges, flags, max_gap, /)\n--\n\n"
+"The runs flush_batch would msync, as (first page, page count) pairs with\n"
+"pages counted from the page holding buf[0]; no syscall. For tests.");
+
+static PyObject *
+msync_batch_runs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    module_state *st = get_state(module);
+    pinned pin;
+    batch b;
+    int flags;
+    Py_ssize_t i;
+    PyObject *result;
+
+    if (plan_batch(st, args, nargs, "batch_runs", &pin, &b, &flags) < 0)
+        return NULL;
+    result = PyList_New(b.len);
+    for (i = 0; result != NULL && i < b.len; i++) {
+        PyObject *run = Py_BuildValue("(nn)", b.items[i].first,
+                                      b.items[i].last - b.items[i].first + 1);
+        if (run == NULL || PyList_SetItem(result, i, run) < 0) {
+            Py_CLEAR(result);
+        }
+    }
+    PyMem_Free(b.items);
+    unpin_buffer(&pin);
+    return result;
+}
+
+/* ------------------------------------------------------------------------
+ * The rest of the module
+ */
+
+PyDoc_STRVAR(clear_writeback_error_doc,
+"clear_writeback_error($module, buf, /)\n--\n\n"
+"Forget a recorded write-back failure of the file mapped under buf, so that\n"
+"its next flush reaches msync again. Returns the errno of the failure that\n"
+"was forgotten, or None if none was recorded for that file.");
+
+static PyObject *
+msync_clear_writeback_error(PyObject *module, PyObject *buf)
+{
+    module_state *st = get_state(module);
+    pinned pin;
+    uintptr_t lo, hi;
+    int err = 0;
+
+    if (pin_buffer(st, buf, &pin) < 0)
+        return NULL;
+    lo = (uintptr_t)pin.view.buf;
+    hi = lo + (uintptr_t)(pin.view.len > 0 ? pin.view.len : 1);
+    if (wb_any()) {
+        Py_BEGIN_ALLOW_THREADS
+        err = wb_clear(lo, hi);
+        Py_END_ALLOW_THREADS
+    }
+    unpin_buffer(&pin);
+    if (err == 0)
+        Py_RETURN_NONE;
+    return PyLong_FromLong(err);
+}
+
+PyDoc_STRVAR(set_writeback_error_doc,
+"_set_writeback_error($module, cls, /)\n--\n\n"
+"The OSError subclass to raise for write-back failures (msyncext sets it).");
+
+static PyObject *
+msync_set_writeback_error(PyObject *module, PyObject *cls)
+{
+    module_state *st = get_state(module);
+    if (!PyType_Check(cls)
+        || !PyObject_IsSubclass(cls, PyExc_OSError)) {
+        PyErr_SetString(PyExc_TypeError, "expected a subclass of OSError");
+        return NULL;
+    }
+    Py_INCREF(cls);
+    Py_XDECREF(st->writeback_error);
+    st->writeback_error = cls;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(page_offset_doc,
+"page_offset($module, buf, /)\n--\n\n"
+"Where buf starts within its first page: its address modulo PAGESIZE.");
+
+static PyObject *
+msync_page_offset(PyObject *module, PyObject *buf)
+{
+    module_state *st = get_state(module);
+    pinned pin;
+    uintptr_t head;
+
+    if (pin_buffer(st, buf, &pin) < 0)
+        return NULL;
+    head = (uintptr_t)pin.view.buf & ((uintptr_t)st->pagesize - 1);
+    unpin_buffer(&pin);
+    return PyLong_FromSize_t((size_t)head);
+}
+
+static PyMethodDef msync_methods[] = {
+    {"flush", (PyCFunction)(void (*)(void))msync_flush,
+     METH_FASTCALL | METH_KEYWORDS, flush_doc},
+    {"flush_batch", (PyCFunction)(void (*)(void))msync_flush_batch,
+     METH_FASTCALL, flush_batch_doc},
+    {"batch_runs", (PyCFunction)(void (*)(void))msync_batch_runs,
+     METH_FASTCALL, batch_runs_doc},
+    {"clear_writeback_error", msync_clear_writeback_error, METH_O,
+     clear_writeback_error_doc},
+    {"_set_writeback_error", msync_set_writeback_error, METH_O,
+     set_writeback_error_doc},
+    {"page_offset", msync_page_offset, METH_O, page_offset_doc},
+    {NULL, NULL, 0, NULL}
+};
+
+static int
+msync_exec(PyObject *module)
+{
+    module_state *st = get_state(module);
+    long pagesize = sysconf(_SC_PAGESIZE);
+    PyObject *mmap_module, *flags;
+    int i;
+
+    /* pages_covering masks with pagesize - 1, so it must be a power of 2. */
+    if (pagesize <= 0 || (pagesize & (pagesize - 1)) != 0) {
+        PyErr_Format(PyExc_RuntimeError,
+                     "sysconf(_SC_PAGESIZE) gave %ld, not a power of two",
+                     pagesize);
+        return -1;
+    }
+    st->pagesize = (Py_ssize_t)pagesize;
+    mmap_module = PyImport_ImportModule("mmap");
+    if (mmap_module == NULL)
+        return -1;
+    st->mmap_type = PyObject_GetAttrString(mmap_module, "mmap");
+    Py_DECREF(mmap_module);
+    if (st->mmap_type == NULL)
+        return -1;
+    flags = PyTuple_New(n_valid_flags);
+    if (flags == NULL)
+        return -1;
+    for (i = 0; i < n_valid_flags; i++) {
+        PyObject *value = PyLong_FromLong(valid_flags[i]);
+        if (value == NULL || PyTuple_SetItem(flags, i, value) < 0) {
+            Py_DECREF(flags);
+            return -1;
+        }
+    }
+    if (PyModule_AddObject(module, "VALID_FLAGS", flags) < 0) {
+        Py_DECREF(flags);
+        return -1;
+    }
+    if (PyModule_AddIntConstant(module, "PAGESIZE", pagesize) < 0
+        || PyModule_AddIntConstant(module, "MS_SYNC", MS_SYNC) < 0
+        || PyModule_AddIntConstant(module, "MS_ASYNC", MS_ASYNC) < 0
+        || PyModule_AddIntConstant(module, "MS_INVALIDATE", MS_INVALIDATE) < 0
+        || PyModule_AddStringConstant(module, "BUILD_MODE",
+                                      MSYNCEXT_BUILD_MODE) < 0)
+        return -1;
+    return 0;
+}
+
+static int
+msync_traverse(PyObject *module, visitproc visit, void *arg)
+{
+    module_state *st = get_state(module);
+    if (st != NULL) {
+        Py_VISIT(st->mmap_type);
+        Py_VISIT(st->writeback_error);
+    }
+    return 0;
+}
+
+static int
+msync_clear(PyObject *module)
+{
+    module_state *st = get_state(module);
+    if (st != NULL) {
+        Py_CLEAR(st->mmap_type);
+        Py_CLEAR(st->writeback_error);
+    }
+    return 0;
+}
+
+static void
+msync_free(void *module)
+{
+    msync_clear((PyObject *)module);
+}
+
+/* The slots. Py_mod_multiple_interpreters (3.12) and Py_mod_gil (3.13) are
+ * not in the 3.11 limited API, yet an abi3 module built against it must
+ * declare them when it runs on 3.12+, or isolated subinterpreters refuse
+ * it. Their numbers and values are part of the stable ABI, so they are
+ * given here and added at run time when Py_Version says the interpreter
+ * knows them (3.11 rejects unknown slots). 3.15's headers give them new
+ * numbers, and 3.15 still accepts the old ones. */
+/* Keyed on the value macros: 3.15's headers define the slot numbers at
+ * every limited-API level, their values only from the level that added
+ * them. */
+#if defined(Py_MOD_PER_INTERPRETER_GIL_SUPPORTED)
+#define SLOT_MULTIPLE_INTERPRETERS Py_mod_multiple_interpreters
+#define PER_INTERPRETER_GIL_SUPPORTED Py_MOD_PER_INTERPRETER_GIL_SUPPORTED
+#else
+#define SLOT_MULTIPLE_INTERPRETERS 3  /* its stable-ABI number, from 3.12 */
+#define PER_INTERPRETER_GIL_SUPPORTED ((void *)2)
+#endif
+#if defined(Py_MOD_GIL_NOT_USED)
+#define SLOT_GIL Py_mod_gil
+#define GIL_NOT_USED Py_MOD_GIL_NOT_USED
+#else
+#define SLOT_GIL 4  /* its stable-ABI number, from 3.13 */
+#define GIL_NOT_USED ((void *)1)
+#endif
+
+static PyModuleDef_Slot msync_slots[4] = {
+    {Py_mod_exec, msync_exec},
+    {0, NULL},
+    {0, NULL},
+    {0, NULL},
+};
+
+/* Filled on the first PyInit; interpreters with their own GIL may import
+ * at the same time, so every store is atomic (and stores the same values).
+ * Not pthread_once: that would raise the wheel's glibc floor to 2.34. */
+static int slots_filled;
+
+static void
+fill_slots(void)
+{
+    int n = 1;
+    if (__atomic_load_n(&slots_filled, __ATOMIC_ACQUIRE))
+        return;
+    if (Py_Version >= 0x030C0000) {
+        __atomic_store_n(&msync_slots[n].slot, SLOT_MULTIPLE_INTERPRETERS,
+                         __ATOMIC_RELAXED);
+        __atomic_store_n(&msync_slots[n].value, PER_INTERPRETER_GIL_SUPPORTED,
+                         __ATOMIC_RELAXED);
+        n++;
+    }
+    if (Py_Version >= 0x030D0000) {
+        __atomic_store_n(&msync_slots[n].slot, SLOT_GIL, __ATOMIC_RELAXED);
+        __atomic_store_n(&msync_slots[n].value, GIL_NOT_USED, __ATOMIC_RELAXED);
+    }
+    __atomic_store_n(&slots_filled, 1, __ATOMIC_RELEASE);
+}
+
+static struct PyModuleDef msync_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "msyncext._msync",
+    .m_doc = "msync(2) on Python buffers with the GIL released.",
+    .m_size = sizeof(module_state),
+    .m_methods = msync_methods,
+    .m_slots = msync_slots,
+    .m_traverse = msync_traverse,
+    .m_clear = msync_clear,
+    .m_free = msync_free,
+};
+
+PyMODINIT_FUNC
+PyInit__msync(void)
+{
+    fill_slots();
+    return PyModuleDef_Init(&msync_module);
+}
+

@@ -1,0 +1,143 @@
+/*
+ * msyncext's one internal header: the types and functions the C files of
+ * _msync share, so each file keeps one concern and the rest static.
+ *
+ *   - args.c: argument conversion, and the platform's table of valid flags;
+ *   - pin.c: buffers: a contiguous export of the caller's object, plus an
+ *     export of the object that owns the mapping when the caller's object
+ *     does not keep it mapped (numpy.memmap drops its own export of the
+ *     mmap);
+ *   - batch.c: ranges: (offset, size) pairs checked, turned into covering
+ *     page runs, sorted and merged (flush_ranges);
+ *   - writeback.c: the write-back failure record: once msync reports that
+ *     write-back of a file failed, every later flush of a mapping of that
+ *     file raises WritebackError until the caller clears it (one record per
+ *     process);
+ *   - module.c: the syscall, the methods, constants and slots.
+ *
+ * Uses point one way: module.c uses all the others, batch.c uses pin.c and
+ * args.c, pin.c uses args.c, and writeback.c uses none.
+ *
+ * writeback.c runs without the GIL and uses no Python API: it defines
+ * MSYNCEXT_NO_PYTHON before including this file and sees only its own
+ * section, which needs libc alone.
+ */
+#ifndef MSYNCEXT_H
+#define MSYNCEXT_H
+
+#ifndef MSYNCEXT_NO_PYTHON
+/* Before any system header: Python.h may set feature macros. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#endif
+
+#include <stdint.h>
+
+/* Only PyInit__msync leaves the .so (setup.py passes -fvisibility=hidden);
+ * declaring the rest hidden lets the compiler reach them directly, as it
+ * did when they were static, instead of through the GOT. */
+#if defined(__GNUC__)
+#pragma GCC visibility push(hidden)
+#endif
+
+/* ------------------------------------------------------------------------
+ * writeback.c: the write-back failure record. No GIL needed for any of it.
+ */
+
+/* Failures recorded plus failures being recorded; read without the lock. */
+extern int wb_count;
+
+/* Whether any failure is recorded or being recorded: the cheap test before
+ * wb_check on every msync. */
+static inline int
+wb_any(void)
+{
+    return __atomic_load_n(&wb_count, __ATOMIC_ACQUIRE) != 0;
+}
+
+int is_writeback_errno(int err);
+void wb_begin_failure(void);
+int wb_check(uintptr_t lo, uintptr_t hi, int *err);
+int wb_record(uintptr_t lo, uintptr_t hi, int err);
+int wb_clear(uintptr_t lo, uintptr_t hi);
+
+#ifndef MSYNCEXT_NO_PYTHON
+
+/* ------------------------------------------------------------------------
+ * module.c: the module's state, and what its syscall reports.
+ */
+
+typedef struct {
+    Py_ssize_t pagesize;
+    PyObject *mmap_type;        /* mmap.mmap: exporting it pins the mapping */
+    PyObject *writeback_error;  /* set by the Python layer; OSError before */
+} module_state;
+
+enum {
+    SYNC_OK = 0,
+    SYNC_FAILED,     /* msync failed: a bad call (EBUSY, ENOMEM, ...) */
+    SYNC_WRITEBACK,  /* msync reported a write-back failure, now recorded */
+    SYNC_REFUSED,    /* an earlier failure of this file; msync not called */
+};
+
+/* ------------------------------------------------------------------------
+ * args.c: flags, counts, and the messages that name them.
+ */
+
+extern const int valid_flags[];
+extern const int n_valid_flags;
+
+enum {
+    COUNT_OK = 0,
+    COUNT_ERROR = -1,       /* an exception is set */
+    COUNT_NOT_INTEGER = 1,  /* bool, or no __index__; nothing set */
+    COUNT_NEGATIVE = 2,     /* *index holds the value, for the message */
+    COUNT_TOO_BIG = 3,      /* beyond Py_ssize_t; *index likewise */
+};
+
+int as_count(PyObject *obj, Py_ssize_t *out, PyObject **index);
+PyObject *pair_label(Py_ssize_t index, PyObject *pair);
+void reword_type_error(const char *what, Py_ssize_t index, PyObject *pair);
+PyObject *type_name(PyObject *obj);
+int flush_count_arg(PyObject *obj, const char *what, Py_ssize_t *out);
+int to_flags(PyObject *obj, int *out);
+
+/* ------------------------------------------------------------------------
+ * pin.c: buffers, and keeping their mapping in place.
+ */
+
+typedef struct {
+    Py_buffer view;   /* the caller's object, contiguous */
+    Py_buffer owner;  /* the mapping's owner, when view does not pin it */
+    int has_owner;
+} pinned;
+
+int pin_buffer(module_state *st, PyObject *obj, pinned *pin);
+void unpin_buffer(pinned *pin);
+
+/* ------------------------------------------------------------------------
+ * batch.c: (offset, size) pairs -> sorted, merged page runs.
+ */
+
+typedef struct {
+    Py_ssize_t first, last;  /* pages, relative to the page of buf[0] */
+} page_span;
+
+typedef struct {
+    page_span *items;
+    Py_ssize_t len, cap;
+    Py_ssize_t head;      /* where buf[0] lies in its page */
+    Py_ssize_t nbytes;    /* the buffer's length */
+    Py_ssize_t pagesize;
+} batch;
+
+int plan_batch(module_state *st, PyObject *const *args, Py_ssize_t nargs,
+               const char *fname, pinned *pin, batch *b, int *flags);
+
+#endif /* MSYNCEXT_NO_PYTHON */
+
+#if defined(__GNUC__)
+#pragma GCC visibility pop
+#endif
+
+#endif /* MSYNCEXT_H */

@@ -1,0 +1,160 @@
+/*
+ * Buffer pinning for _msync. Apart from the arguments, because the rule it
+ * keeps is its own: while a syscall runs without the GIL, the memory under
+ * it must stay mapped, so the caller's object and, when that object does
+ * not hold it, the owner of the mapping stay exported until unpin_buffer.
+ */
+#include "msyncext.h"
+
+#include <stdint.h>
+
+/* ------------------------------------------------------------------------
+ * Buffers, and keeping their mapping in place
+ */
+
+/* The object at the end of obj's chain of owners: memoryview.obj, then
+ * .base (NumPy arrays), until an mmap.mmap or an object with no owner.
+ * Returns a new reference. */
+static PyObject *
+mapping_owner(module_state *st, PyObject *obj)
+{
+    PyObject *cur = obj;
+    int depth;
+
+    Py_INCREF(cur);
+    for (depth = 0; depth < 64; depth++) {
+        PyObject *next;
+        if ((PyObject *)Py_TYPE(cur) == st->mmap_type)
+            break;
+        next = PyObject_GetAttrString(cur, PyMemoryView_Check(cur) ? "obj"
+                                                                   : "base");
+        if (next == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+                Py_DECREF(cur);
+                return NULL;
+            }
+            PyErr_Clear();
+            break;
+        }
+        if (next == Py_None || next == cur) {
+            Py_DECREF(next);
+            break;
+        }
+        Py_DECREF(cur);
+        cur = next;
+    }
+    return cur;
+}
+
+/* Why a buffer could not be had: a clearer TypeError for objects without
+ * one, a BufferError for a buffer that exists but is not contiguous (NumPy
+ * says ValueError there, memoryview BufferError: callers get one type). */
+static void
+explain_buffer_failure(PyObject *obj)
+{
+    Py_buffer probe;
+    PyObject *tname;
+
+    if (!PyObject_CheckBuffer(obj)) {
+        if (!PyErr_ExceptionMatches(PyExc_TypeError))
+            return;
+        PyErr_Clear();
+        tname = type_name(obj);
+        if (tname == NULL)
+            return;
+        PyErr_Format(PyExc_TypeError,
+                     "buf must be an object with the buffer protocol "
+                     "(a bytes-like object such as mmap.mmap), not %U", tname);
+        Py_DECREF(tname);
+        return;
+    }
+    {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        if (PyObject_GetBuffer(obj, &probe, PyBUF_STRIDES) == 0) {
+            PyBuffer_Release(&probe);
+            Py_XDECREF(type);
+            Py_XDECREF(value);
+            Py_XDECREF(tb);
+            tname = type_name(obj);
+            if (tname == NULL)
+                return;
+            PyErr_Format(PyExc_BufferError,
+                         "buf (%U) is not contiguous: msync needs one "
+                         "contiguous range of memory", tname);
+            Py_DECREF(tname);
+            return;
+        }
+        PyErr_Clear();
+        PyErr_Restore(type, value, tb);
+    }
+}
+
+/* Export obj's buffer (any contiguous layout, no format needed) and, when
+ * obj does not keep its mapping exported itself, the mapping's owner too:
+ * while both exports live, mmap refuses close() and resize(). */
+int
+pin_buffer(module_state *st, PyObject *obj, pinned *pin)
+{
+    PyObject *exporter, *owner;
+
+    pin->has_owner = 0;
+    if (PyObject_GetBuffer(obj, &pin->view, PyBUF_ANY_CONTIGUOUS) < 0) {
+        explain_buffer_failure(obj);
+        return -1;
+    }
+    exporter = pin->view.obj;
+    if (exporter == NULL || (PyObject *)Py_TYPE(exporter) == st->mmap_type
+        || PyBytes_CheckExact(exporter) || PyByteArray_CheckExact(exporter))
+        return 0;
+    owner = mapping_owner(st, exporter);
+    if (owner == NULL)
+        goto error;
+    if (owner != exporter && PyObject_CheckBuffer(owner)) {
+        if (PyObject_GetBuffer(owner, &pin->owner, PyBUF_SIMPLE) == 0) {
+            uintptr_t lo = (uintptr_t)pin->owner.buf;
+            uintptr_t at = (uintptr_t)pin->view.buf;
+            pin->has_owner = 1;
+            /* An array made over an mmap that was resized since points at
+             * memory the mmap no longer holds: never msync that. */
+            if (pin->view.len > 0
+                && (at < lo || at - lo > (uintptr_t)pin->owner.len
+                    || (uintptr_t)pin->view.len
+                           > (uintptr_t)pin->owner.len - (at - lo))) {
+                PyObject *tname = type_name(owner);
+                if (tname != NULL) {
+                    PyErr_Format(PyExc_ValueError,
+                                 "buf lies outside the memory of the %U it "
+                                 "was made from (was that resized?)", tname);
+                    Py_DECREF(tname);
+                }
+                Py_DECREF(owner);
+                PyBuffer_Release(&pin->owner);
+                pin->has_owner = 0;
+                goto error;
+            }
+        }
+        else if ((PyObject *)Py_TYPE(owner) == st->mmap_type) {
+            /* A closed mmap under a NumPy array: its memory is gone. */
+            Py_DECREF(owner);
+            goto error;
+        }
+        else {
+            PyErr_Clear();  /* an owner we do not know how to pin */
+        }
+    }
+    Py_DECREF(owner);
+    return 0;
+
+error:
+    PyBuffer_Release(&pin->view);
+    return -1;
+}
+
+void
+unpin_buffer(pinned *pin)
+{
+    if (pin->has_owner)
+        PyBuffer_Release(&pin->owner);
+    PyBuffer_Release(&pin->view);
+}
