@@ -55,6 +55,7 @@ setup(
             sources=[
                 "csrc/args.c",
                 "csrc/batch.c",
+                "csrc/maps.c",
                 "csrc/module.c",
                 "csrc/pin.c",
                 "csrc/writeback.c",

@@ -45,39 +45,76 @@ get_state(PyObject *module)
  * The syscall
  */
 
-/* msync one page span, honouring the failure record. No GIL needed. */
 static int
-sync_span(char *start, size_t length, int flags, int *err)
+is_async(int flags)
+{
+    return flags == MS_ASYNC || flags == (MS_ASYNC | MS_INVALIDATE);
+}
+
+/* What the record says of [lo, hi), as a SYNC_* outcome. */
+static int
+recorded(uintptr_t lo, uintptr_t hi, int *err, int *why)
+{
+    switch (wb_check(lo, hi, err, why)) {
+    case WB_FAILED:
+        return SYNC_REFUSED;
+    case WB_UNKNOWN:
+        return SYNC_UNKNOWN;
+    default:
+        return SYNC_OK;
+    }
+}
+
+/* msync one page span, honouring the failure record; for MS_ASYNC, start
+ * the write-out too. No GIL needed. */
+static int
+sync_span(char *start, size_t length, int flags, int *err, int *why)
 {
     uintptr_t lo = (uintptr_t)start, hi = lo + length;
+    int outcome;
 
-    if (wb_any() && wb_check(lo, hi, err))
-        return SYNC_REFUSED;
+    *why = 0;
+    if (wb_any() && (outcome = recorded(lo, hi, err, why)) != SYNC_OK)
+        return outcome;
     if (msync(start, length, flags) != 0) {
         *err = errno;
-        if (!is_writeback_errno(*err))
+        if (wb_is_bad_call(lo, hi, flags, *err))
             return SYNC_FAILED;
-        wb_begin_failure();
         *err = wb_record(lo, hi, *err);
         return SYNC_WRITEBACK;
     }
-    /* Another thread may have seen this file fail while our msync ran (the
-     * kernel reports each failure once): its record speaks for us too. */
-    if (wb_any() && wb_check(lo, hi, err))
-        return SYNC_REFUSED;
+    if (wb_any()) {
+        /* Another thread may have seen this file fail while our msync ran
+         * (the kernel reports each failure once): its record, once
+         * complete, speaks for us too. */
+        wb_settle();
+        if ((outcome = recorded(lo, hi, err, why)) != SYNC_OK)
+            return outcome;
+    }
     return SYNC_OK;
 }
 
 /* OSError (or WritebackError) with errno, os.strerror(errno) as strerror
- * and the byte range, as buffer offsets, where OSError puts a file name.
- * Steals the reference to where. */
+ * and the byte range where OSError puts a file name. For a failure msyncext
+ * cannot place (SYNC_UNKNOWN), the range says why. Steals where. */
 static void
-raise_sync_error(module_state *st, int outcome, int err, PyObject *where)
+raise_sync_error(module_state *st, int outcome, int err, int why,
+                 PyObject *where)
 {
     PyObject *cls, *exc;
 
     if (where == NULL)
         return;
+    if (outcome == SYNC_UNKNOWN) {
+        PyObject *told = PyUnicode_FromFormat(
+            "%U (a write-back failure is recorded, and msyncext cannot tell "
+            "which file these bytes are mapped from: %s)",
+            where, strerror(why));
+        Py_DECREF(where);
+        if (told == NULL)
+            return;
+        where = told;
+    }
     cls = outcome == SYNC_FAILED || st->writeback_error == NULL
               ? PyExc_OSError
               : st->writeback_error;
@@ -87,6 +124,21 @@ raise_sync_error(module_state *st, int outcome, int err, PyObject *where)
         PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
         Py_DECREF(exc);
     }
+}
+
+/* The bytes of the buffer that msync was given, [start, start + length)
+ * as buffer offsets clipped to the buffer: how every error states a range
+ * ("buffer bytes [0, 4096)"). */
+static PyObject *
+span_label(const pinned *pin, const char *start, size_t length)
+{
+    Py_ssize_t lo = (Py_ssize_t)(start - (const char *)pin->view.buf);
+    Py_ssize_t hi = lo + (Py_ssize_t)length;
+    if (lo < 0)
+        lo = 0;
+    if (hi > pin->view.len)
+        hi = pin->view.len;
+    return PyUnicode_FromFormat("buffer bytes [%zd, %zd)", lo, hi);
 }
 
 /* The page-aligned span covering [addr, addr + size), size > 0, rounded up
@@ -176,7 +228,7 @@ msync_flush(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
     PyObject *slots[4] = {NULL, NULL, NULL, NULL};
     pinned pin;
     Py_ssize_t offset = 0, size = 0, len;
-    int flags = MS_SYNC, outcome, err = 0;
+    int flags = MS_SYNC, outcome, err = 0, why = 0;
     char *start;
     size_t length;
 
@@ -217,15 +269,15 @@ msync_flush(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
     pages_covering((const char *)pin.view.buf + offset, size, st->pagesize,
                    &start, &length);
     Py_BEGIN_ALLOW_THREADS
-    outcome = sync_span(start, length, flags, &err);
+    outcome = sync_span(start, length, flags, &err, &why);
     Py_END_ALLOW_THREADS
-    unpin_buffer(&pin);
     if (outcome != SYNC_OK) {
-        raise_sync_error(st, outcome, err,
-                         PyUnicode_FromFormat("buffer bytes [%zd, %zd)",
-                                              offset, offset + size));
+        raise_sync_error(st, outcome, err, why,
+                         span_label(&pin, start, length));
+        unpin_buffer(&pin);
         return NULL;
     }
+    unpin_buffer(&pin);
     Py_RETURN_NONE;
 
 error:
@@ -251,7 +303,7 @@ monotonic_ns(void)
 
 /* Tell the signal handler's exception how far the batch got. */
 static void
-note_interrupted(Py_ssize_t done, Py_ssize_t total)
+note_interrupted(Py_ssize_t done, Py_ssize_t total, int flags)
 {
     PyObject *type, *value, *tb, *note, *res;
 
@@ -262,8 +314,11 @@ note_interrupted(Py_ssize_t done, Py_ssize_t total)
             PyException_SetTraceback(value, tb);
         note = PyUnicode_FromFormat(
             "msyncext.flush_ranges was interrupted after %zd of %zd msync "
-            "calls: the pages of those runs were written back, the rest "
-            "were not flushed", done, total);
+            "calls: %s, the rest were not flushed", done, total,
+            is_async(flags)
+                ? "those runs were scheduled for write-back (MS_ASYNC: not "
+                  "yet on the device)"
+                : "the pages of those runs were written back");
         if (note != NULL) {
             res = PyObject_CallMethod(value, "add_note", "O", note);
             Py_XDECREF(res);
@@ -288,7 +343,7 @@ msync_flush_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     pinned pin;
     batch b;
     Py_ssize_t done = 0;
-    int flags, outcome = SYNC_OK, err = 0, interrupted = 0;
+    int flags, outcome = SYNC_OK, err = 0, why = 0, interrupted = 0;
     char *base;
 
     if (plan_batch(st, args, nargs, "flush_batch", &pin, &b, &flags) < 0)
@@ -302,7 +357,7 @@ msync_flush_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             outcome = sync_span(base + run->first * b.pagesize,
                                 (size_t)(run->last - run->first + 1)
                                     * (size_t)b.pagesize,
-                                flags, &err);
+                                flags, &err, &why);
             if (outcome != SYNC_OK)
                 break;
             if (done + 1 < b.len
@@ -322,21 +377,19 @@ msync_flush_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_END_ALLOW_THREADS
     }
     if (interrupted) {
-        note_interrupted(done, b.len);
+        note_interrupted(done, b.len, flags);
     }
     else if (outcome != SYNC_OK) {
-        /* The failed run, as buffer offsets (clipped to the buffer). */
         page_span *run = &b.items[done];
-        Py_ssize_t lo = run->first * b.pagesize - b.head;
-        Py_ssize_t hi = (run->last + 1) * b.pagesize - b.head;
-        if (lo < 0)
-            lo = 0;
-        if (hi > b.nbytes)
-            hi = b.nbytes;
-        raise_sync_error(st, outcome, err,
-                         PyUnicode_FromFormat(
-                             "buffer bytes [%zd, %zd), run %zd of %zd",
-                             lo, hi, done + 1, b.len));
+        PyObject *span = span_label(
+            &pin, base + run->first * b.pagesize,
+            (size_t)(run->last - run->first + 1) * (size_t)b.pagesize);
+        PyObject *where = span == NULL
+            ? NULL
+            : PyUnicode_FromFormat("%U, run %zd of %zd", span, done + 1,
+                                   b.len);
+        Py_XDECREF(span);
+        raise_sync_error(st, outcome, err, why, where);
     }
     PyMem_Free(b.items);
     unpin_buffer(&pin);
@@ -408,6 +461,25 @@ msync_clear_writeback_error(PyObject *module, PyObject *buf)
     return PyLong_FromLong(err);
 }
 
+PyDoc_STRVAR(writeback_tracking_doc,
+"writeback_tracking($module, /)\n--\n\n"
+"How this process tells which file a buffer is mapped from, for the\n"
+"write-back record: 'PROCMAP_QUERY' (Linux 6.11+), '/proc/self/maps'\n"
+"(parsed, older Linux) or 'none' (every flush is refused while a failure\n"
+"is recorded).");
+
+static PyObject *
+msync_writeback_tracking(PyObject *module, PyObject *unused)
+{
+    const char *method;
+    (void)module;
+    (void)unused;
+    Py_BEGIN_ALLOW_THREADS
+    method = maps_method();
+    Py_END_ALLOW_THREADS
+    return PyUnicode_FromString(method);
+}
+
 PyDoc_STRVAR(set_writeback_error_doc,
 "_set_writeback_error($module, cls, /)\n--\n\n"
 "The OSError subclass to raise for write-back failures (msyncext sets it).");
@@ -457,8 +529,25 @@ static PyMethodDef msync_methods[] = {
     {"_set_writeback_error", msync_set_writeback_error, METH_O,
      set_writeback_error_doc},
     {"page_offset", msync_page_offset, METH_O, page_offset_doc},
+    {"writeback_tracking", msync_writeback_tracking, METH_NOARGS,
+     writeback_tracking_doc},
     {NULL, NULL, 0, NULL}
 };
+
+/* The record's descriptor of /proc/self/maps (opened now: a failure may
+ * come when no descriptor is left) and its fork handlers. Once per
+ * process, whichever interpreter imports first. */
+static int
+start_process_state(void)
+{
+    int rc = wb_init();
+    if (rc != 0) {
+        errno = rc;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return 0;
+}
 
 static int
 msync_exec(PyObject *module)
@@ -476,6 +565,8 @@ msync_exec(PyObject *module)
         return -1;
     }
     st->pagesize = (Py_ssize_t)pagesize;
+    if (start_process_state() < 0)
+        return -1;
     mmap_module = PyImport_ImportModule("mmap");
     if (mmap_module == NULL)
         return -1;

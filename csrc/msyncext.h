@@ -9,18 +9,20 @@
  *     mmap);
  *   - batch.c: ranges: (offset, size) pairs checked, turned into covering
  *     page runs, sorted and merged (flush_ranges);
+ *   - maps.c: which file is mapped at an address (the PROCMAP_QUERY ioctl,
+ *     or a parse of /proc/self/maps);
  *   - writeback.c: the write-back failure record: once msync reports that
- *     write-back of a file failed, every later flush of a mapping of that
- *     file raises WritebackError until the caller clears it (one record per
- *     process);
+ *     write-back of a file failed, every later flush of that file raises
+ *     WritebackError until the caller clears it (one record per process);
  *   - module.c: the syscall, the methods, constants and slots.
  *
  * Uses point one way: module.c uses all the others, batch.c uses pin.c and
- * args.c, pin.c uses args.c, and writeback.c uses none.
+ * args.c, pin.c uses args.c; writeback.c uses maps.c, and maps.c uses
+ * none.
  *
- * writeback.c runs without the GIL and uses no Python API: it defines
- * MSYNCEXT_NO_PYTHON before including this file and sees only its own
- * section, which needs libc alone.
+ * maps.c and writeback.c run without the GIL and use no Python
+ * API: they define MSYNCEXT_NO_PYTHON before including this file and see
+ * only their own sections, which need libc alone.
  */
 #ifndef MSYNCEXT_H
 #define MSYNCEXT_H
@@ -41,7 +43,32 @@
 #endif
 
 /* ------------------------------------------------------------------------
- * writeback.c: the write-back failure record. No GIL needed for any of it.
+ * maps.c: which file is mapped at an address. No GIL needed.
+ */
+
+#include <stddef.h>
+
+typedef struct {
+    uintptr_t start, end;  /* the mapping (VMA) covering the address */
+    uint64_t offset;       /* the file offset of start */
+    uint64_t dev, ino;     /* the superblock's device (major << 32 | minor)
+                            * and the inode; ino 0: no file */
+    int shared;            /* MAP_SHARED */
+} mapping_info;
+
+void maps_init(void);
+void maps_atfork_child(void);
+/* 0 and *out filled (name too, if given: the path, "" if none), ENOENT if
+ * nothing is mapped at addr, another errno if it cannot be told. */
+int mapping_at(uintptr_t addr, mapping_info *out, char *name,
+               size_t name_size);
+/* 1 where mapping_at can tell files apart (Linux), else 0. */
+int maps_can_identify(void);
+/* How: "PROCMAP_QUERY", "/proc/self/maps" (parsed), or "none". */
+const char *maps_method(void);
+
+/* ------------------------------------------------------------------------
+ * writeback.c: the write-back failure record. No GIL needed.
  */
 
 /* Failures recorded plus failures being recorded; read without the lock. */
@@ -55,10 +82,24 @@ wb_any(void)
     return __atomic_load_n(&wb_count, __ATOMIC_ACQUIRE) != 0;
 }
 
-int is_writeback_errno(int err);
-void wb_begin_failure(void);
-int wb_check(uintptr_t lo, uintptr_t hi, int *err);
+enum {
+    WB_CLEAN = 0,   /* no failure of the file(s) in the range */
+    WB_FAILED,      /* a recorded failure of that file */
+    WB_UNKNOWN,     /* a failure is recorded and the file cannot be told */
+};
+
+int wb_init(void);
+/* Whether an errno msync gave after msyncext's own checks is a bad call
+ * (shown so) rather than a failed write-back. */
+int wb_is_bad_call(uintptr_t lo, uintptr_t hi, int flags, int err);
+/* WB_*; *err the recorded errno, *why the lookup's errno for WB_UNKNOWN. */
+int wb_check(uintptr_t lo, uintptr_t hi, int *err, int *why);
+/* Record the failure msync reported over [lo, hi); returns the errno to
+ * report (the first recorded for that file). */
 int wb_record(uintptr_t lo, uintptr_t hi, int err);
+/* Wait until no other thread is recording a failure. */
+void wb_settle(void);
+/* Forget the failures of the file(s) in [lo, hi); the first errno or 0. */
 int wb_clear(uintptr_t lo, uintptr_t hi);
 
 #ifndef MSYNCEXT_NO_PYTHON
@@ -78,6 +119,8 @@ enum {
     SYNC_FAILED,     /* msync failed: a bad call (EBUSY, ENOMEM, ...) */
     SYNC_WRITEBACK,  /* msync reported a write-back failure, now recorded */
     SYNC_REFUSED,    /* an earlier failure of this file; msync not called */
+    SYNC_UNKNOWN,    /* a failure is recorded and this buffer's file cannot
+                      * be told apart from it; msync not called */
 };
 
 /* ------------------------------------------------------------------------

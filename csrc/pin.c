@@ -12,9 +12,76 @@
  * Buffers, and keeping their mapping in place
  */
 
-/* The object at the end of obj's chain of owners: memoryview.obj, then
- * .base (NumPy arrays), until an mmap.mmap or an object with no owner.
- * Returns a new reference. */
+static int
+is_mmap(module_state *st, PyObject *obj)
+{
+    /* Subclasses too: they close and resize like mmap.mmap. */
+    return PyType_IsSubtype(Py_TYPE(obj), (PyTypeObject *)st->mmap_type);
+}
+
+/* The memoryview a ctypes object made by from_buffer() keeps of its
+ * source: its _objects is that memoryview, or a dict holding it. A new
+ * reference, or NULL with nothing set. */
+static PyObject *
+ctypes_source(PyObject *obj)
+{
+    PyObject *objects = PyObject_GetAttrString(obj, "_objects"), *found = NULL;
+
+    if (objects == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    if (PyMemoryView_Check(objects))
+        return objects;
+    if (PyDict_Check(objects)) {
+        PyObject *values = PyDict_Values(objects);
+        Py_ssize_t i, n = values != NULL ? PyList_Size(values) : 0;
+        for (i = 0; i < n && found == NULL; i++) {
+            PyObject *item = PyList_GetItem(values, i);
+            if (item != NULL && PyMemoryView_Check(item)) {
+                Py_INCREF(item);
+                found = item;
+            }
+        }
+        Py_XDECREF(values);
+    }
+    Py_DECREF(objects);
+    PyErr_Clear();
+    return found;
+}
+
+/* The next owner of obj on the way to its mapping, or NULL (nothing set)
+ * at the end of the chain: memoryview.obj; .base (NumPy arrays); for a
+ * ctypes object, its base object or the memoryview from_buffer() kept. */
+static PyObject *
+next_owner(PyObject *obj)
+{
+    PyObject *next;
+
+    if (PyMemoryView_Check(obj))
+        return PyObject_GetAttrString(obj, "obj");
+    next = PyObject_GetAttrString(obj, "base");
+    if (next != NULL || !PyErr_ExceptionMatches(PyExc_AttributeError))
+        return next;
+    PyErr_Clear();
+    next = PyObject_GetAttrString(obj, "_b_base_");
+    if (next == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return NULL;
+        PyErr_Clear();
+        return NULL;  /* not ctypes: the end of the chain */
+    }
+    if (next != Py_None)
+        return next;
+    Py_DECREF(next);
+    next = ctypes_source(obj);
+    if (next == NULL)
+        Py_RETURN_NONE;
+    return next;
+}
+
+/* The object at the end of obj's chain of owners, until an mmap.mmap or an
+ * object with no owner. Returns a new reference. */
 static PyObject *
 mapping_owner(module_state *st, PyObject *obj)
 {
@@ -24,16 +91,17 @@ mapping_owner(module_state *st, PyObject *obj)
     Py_INCREF(cur);
     for (depth = 0; depth < 64; depth++) {
         PyObject *next;
-        if ((PyObject *)Py_TYPE(cur) == st->mmap_type)
+        if (is_mmap(st, cur))
             break;
-        next = PyObject_GetAttrString(cur, PyMemoryView_Check(cur) ? "obj"
-                                                                   : "base");
+        next = next_owner(cur);
         if (next == NULL) {
-            if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
-                Py_DECREF(cur);
-                return NULL;
+            if (PyErr_Occurred()) {
+                if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+                    Py_DECREF(cur);
+                    return NULL;
+                }
+                PyErr_Clear();
             }
-            PyErr_Clear();
             break;
         }
         if (next == Py_None || next == cur) {
@@ -92,7 +160,10 @@ explain_buffer_failure(PyObject *obj)
 
 /* Export obj's buffer (any contiguous layout, no format needed) and, when
  * obj does not keep its mapping exported itself, the mapping's owner too:
- * while both exports live, mmap refuses close() and resize(). */
+ * while both exports live, mmap refuses close() and resize(). An exporter
+ * whose chain ends elsewhere (an object that neither exposes its owner nor
+ * keeps it exported) is pinned through its own export only; the README
+ * says what that means. */
 int
 pin_buffer(module_state *st, PyObject *obj, pinned *pin)
 {
@@ -134,8 +205,8 @@ pin_buffer(module_state *st, PyObject *obj, pinned *pin)
                 goto error;
             }
         }
-        else if ((PyObject *)Py_TYPE(owner) == st->mmap_type) {
-            /* A closed mmap under a NumPy array: its memory is gone. */
+        else if (is_mmap(st, owner)) {
+            /* A closed mmap under an array or a view: its memory is gone. */
             Py_DECREF(owner);
             goto error;
         }

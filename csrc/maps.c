@@ -1,0 +1,347 @@
+/*
+ * Which file is mapped at an address: the mapping (VMA) that covers it,
+ * with the file's device, inode and, on request, its path.
+ *
+ * The write-back record and the write-out queue both need this, without
+ * the GIL and without Python. Linux 6.11+ answers one address in about a
+ * microsecond with the PROCMAP_QUERY ioctl on an open /proc/self/maps,
+ * whatever the number of mappings; older kernels answer ENOTTY and the
+ * file is parsed instead (O(mappings)). Other systems have neither.
+ *
+ * One descriptor of /proc/self/maps is opened when the module is first
+ * loaded and kept: a failure may come when the process has no descriptor
+ * left to open it (EMFILE). A descriptor of /proc/self/maps describes the
+ * process that opened it, so a forked child opens its own (maps_atfork_child).
+ */
+/* Large-file libc entry points (fopen64 on 32-bit Linux), as Python.h's
+ * pyconfig.h selects for the files that include it. */
+#define _FILE_OFFSET_BITS 64
+#if defined(__linux__) && !defined(_GNU_SOURCE)
+#define _GNU_SOURCE  /* sync_file_range, O_PATH, F_DUPFD_CLOEXEC */
+#endif
+
+#define MSYNCEXT_NO_PYTHON
+#include "msyncext.h"
+
+#include <pthread.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#if defined(__linux__)
+#include <sys/ioctl.h>
+#include <sys/sysmacros.h>
+
+/* Debian 12's headers predate PROCMAP_QUERY (Linux 6.11); the layout and
+ * number are part of the kernel's ABI. */
+struct msyncext_procmap_query {
+    uint64_t size;
+    uint64_t query_flags;
+    uint64_t query_addr;
+    uint64_t vma_start;
+    uint64_t vma_end;
+    uint64_t vma_flags;
+    uint64_t vma_page_size;
+    uint64_t vma_offset;
+    uint64_t inode;
+    uint32_t dev_major;
+    uint32_t dev_minor;
+    uint32_t vma_name_size;
+    uint32_t build_id_size;
+    uint64_t vma_name_addr;
+    uint64_t build_id_addr;
+};
+#define MSYNCEXT_PROCMAP_QUERY \
+    _IOWR('f', 17, struct msyncext_procmap_query)
+#define MSYNCEXT_PROCMAP_VMA_SHARED 0x08
+
+/* -1: not opened yet (or lost); kept across calls, reopened after fork. */
+static int maps_fd = -1;
+/* 1: PROCMAP_QUERY works; 0: parse; -1: not probed yet. */
+static int query_works = -1;
+
+static int
+open_maps(void)
+{
+    return open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+}
+
+void
+maps_init(void)
+{
+    int fd, expected = -1;
+
+    if (__atomic_load_n(&maps_fd, __ATOMIC_ACQUIRE) >= 0)
+        return;
+    fd = open_maps();
+    if (fd < 0)
+        return;
+    if (!__atomic_compare_exchange_n(&maps_fd, &expected, fd, 0,
+                                     __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        close(fd);  /* another thread was first */
+}
+
+void
+maps_atfork_child(void)
+{
+    int old = __atomic_load_n(&maps_fd, __ATOMIC_RELAXED);
+    if (old < 0)
+        return;
+    /* Closing first frees a slot, so the open cannot fail for EMFILE. */
+    close(old);
+    __atomic_store_n(&maps_fd, open_maps(), __ATOMIC_RELEASE);
+}
+
+/* Copy the path from the end of a /proc/self/maps line. */
+static void
+copy_name(const char *text, char *name, size_t name_size)
+{
+    size_t n;
+
+    if (name == NULL || name_size == 0)
+        return;
+    while (*text == ' ' || *text == '\t')
+        text++;
+    n = strcspn(text, "\n");
+    if (n >= name_size)
+        n = name_size - 1;
+    memcpy(name, text, n);
+    name[n] = '\0';
+}
+
+/* Parse the line describing the mapping that covers addr out of a text
+ * holding whole lines. 1 found, 0 not in this text. */
+static int
+find_in_lines(const char *text, uintptr_t addr, mapping_info *out,
+              char *name, size_t name_size)
+{
+    const char *line = text;
+
+    while (*line != '\0') {
+        unsigned long lo, hi, off, ino;
+        unsigned int major, minor;
+        char perms[5];
+        int used = 0;
+        const char *next = strchr(line, '\n');
+
+        if (sscanf(line, "%lx-%lx %4s %lx %x:%x %lu%n", &lo, &hi, perms,
+                   &off, &major, &minor, &ino, &used) == 7
+            && addr >= lo && addr < hi) {
+            out->start = lo;
+            out->end = hi;
+            out->offset = off;
+            out->ino = ino;
+            out->dev = ((uint64_t)major << 32) | minor;
+            out->shared = perms[3] == 's';
+            copy_name(line + used, name, name_size);
+            return 1;
+        }
+        if (next == NULL)
+            break;
+        line = next + 1;
+    }
+    return 0;
+}
+
+/* The parse, for kernels without PROCMAP_QUERY. A fresh descriptor, so
+ * that no lock is shared between threads; if none is free, the kept one
+ * under a lock (its file position is shared). */
+static pthread_mutex_t parse_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int
+parse_mapping_at(uintptr_t addr, mapping_info *out, char *name,
+                 size_t name_size)
+{
+    /* Lines are at most a path (4096) plus ~80 bytes. */
+    enum { CHUNK = 16384, LINE_MAX_ = 4300 };
+    char *buf;
+    int fd = open_maps(), shared_fd = 0, found = 0, err = 0;
+    size_t have = 0;
+    off_t pos = 0;
+
+    if (fd < 0) {
+        fd = __atomic_load_n(&maps_fd, __ATOMIC_ACQUIRE);
+        if (fd < 0)
+            return errno ? errno : EBADF;
+        shared_fd = 1;
+        pthread_mutex_lock(&parse_lock);
+    }
+    buf = malloc(CHUNK + LINE_MAX_ + 1);
+    if (buf == NULL) {
+        err = ENOMEM;
+        goto done;
+    }
+    for (;;) {
+        ssize_t got = pread(fd, buf + have, CHUNK, pos);
+        char *last;
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            err = errno;
+            break;
+        }
+        pos += got;
+        have += (size_t)got;
+        buf[have] = '\0';
+        if (got == 0) {
+            found = find_in_lines(buf, addr, out, name, name_size);
+            break;
+        }
+        /* Search the whole lines; keep the partial last one. */
+        last = strrchr(buf, '\n');
+        if (last == NULL) {
+            if (have >= LINE_MAX_) {
+                have = 0;  /* a line longer than any path: skip it */
+            }
+            continue;
+        }
+        *last = '\0';
+        if (find_in_lines(buf, addr, out, name, name_size)) {
+            found = 1;
+            break;
+        }
+        have -= (size_t)(last + 1 - buf);
+        memmove(buf, last + 1, have);
+    }
+    free(buf);
+done:
+    if (shared_fd)
+        pthread_mutex_unlock(&parse_lock);
+    else
+        close(fd);
+    if (err != 0)
+        return err;
+    return found ? 0 : ENOENT;
+}
+
+static int
+query_mapping_at(int fd, uintptr_t addr, mapping_info *out, char *name,
+                 size_t name_size)
+{
+    struct msyncext_procmap_query q;
+
+    memset(&q, 0, sizeof(q));
+    q.size = sizeof(q);
+    q.query_addr = (uint64_t)addr;
+    if (name != NULL && name_size > 0) {
+        q.vma_name_addr = (uint64_t)(uintptr_t)name;
+        q.vma_name_size = (uint32_t)(name_size > UINT32_MAX ? UINT32_MAX
+                                                            : name_size);
+        name[0] = '\0';
+    }
+    if (ioctl(fd, MSYNCEXT_PROCMAP_QUERY, &q) != 0)
+        return errno;
+    out->start = (uintptr_t)q.vma_start;
+    out->end = (uintptr_t)q.vma_end;
+    out->offset = q.vma_offset;
+    out->ino = q.inode;
+    out->dev = ((uint64_t)q.dev_major << 32) | q.dev_minor;
+    out->shared = (q.vma_flags & MSYNCEXT_PROCMAP_VMA_SHARED) != 0;
+    return 0;
+}
+
+int
+mapping_at(uintptr_t addr, mapping_info *out, char *name, size_t name_size)
+{
+    int works = __atomic_load_n(&query_works, __ATOMIC_RELAXED);
+    int fd, err, attempt;
+
+    if (name != NULL && name_size > 0)
+        name[0] = '\0';
+    if (works == 0)
+        return parse_mapping_at(addr, out, name, name_size);
+    for (attempt = 0; attempt < 2; attempt++) {
+        fd = __atomic_load_n(&maps_fd, __ATOMIC_ACQUIRE);
+        if (fd < 0) {
+            maps_init();
+            fd = __atomic_load_n(&maps_fd, __ATOMIC_ACQUIRE);
+            if (fd < 0)  /* no descriptor to be had: the parse may find one */
+                return parse_mapping_at(addr, out, name, name_size);
+        }
+        err = query_mapping_at(fd, addr, out, name, name_size);
+        if (err == 0 || err == ENOENT) {
+            if (works < 0)
+                __atomic_store_n(&query_works, 1, __ATOMIC_RELAXED);
+            return err;
+        }
+        if ((err == ENOTTY || err == EINVAL) && works < 0) {
+            /* This kernel has no PROCMAP_QUERY (before 6.11). */
+            __atomic_store_n(&query_works, 0, __ATOMIC_RELAXED);
+            return parse_mapping_at(addr, out, name, name_size);
+        }
+        if (err != EBADF && err != ENOTTY)
+            return err;
+        /* The descriptor was closed behind our back (a child that closed
+         * every descriptor, say): open another one and ask again. */
+        {
+            int expected = fd;
+            int fresh = open_maps();
+            if (fresh < 0)
+                return errno;
+            if (!__atomic_compare_exchange_n(&maps_fd, &expected, fresh, 0,
+                                             __ATOMIC_ACQ_REL,
+                                             __ATOMIC_ACQUIRE))
+                close(fresh);
+        }
+    }
+    return err;
+}
+
+int
+maps_can_identify(void)
+{
+    return 1;
+}
+
+const char *
+maps_method(void)
+{
+    int works = __atomic_load_n(&query_works, __ATOMIC_RELAXED);
+    if (works < 0) {
+        mapping_info m;
+        static const int probe = 0;  /* any address this module maps */
+        mapping_at((uintptr_t)&probe, &m, NULL, 0);
+        works = __atomic_load_n(&query_works, __ATOMIC_RELAXED);
+    }
+    return works == 1 ? "PROCMAP_QUERY" : "/proc/self/maps";
+}
+
+#else /* not Linux */
+
+void
+maps_init(void)
+{
+}
+
+void
+maps_atfork_child(void)
+{
+}
+
+int
+mapping_at(uintptr_t addr, mapping_info *out, char *name, size_t name_size)
+{
+    (void)addr;
+    (void)out;
+    (void)name;
+    (void)name_size;
+    return ENOSYS;
+}
+
+int
+maps_can_identify(void)
+{
+    return 0;
+}
+
+const char *
+maps_method(void)
+{
+    return "none";
+}
+
+#endif
