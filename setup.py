@@ -59,6 +59,7 @@ setup(
                 "csrc/module.c",
                 "csrc/pin.c",
                 "csrc/writeback.c",
+                "csrc/writeout.c",
             ],
             depends=["csrc/msyncext.h"],
             define_macros=define_macros,

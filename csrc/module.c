@@ -91,6 +91,8 @@ sync_span(char *start, size_t length, int flags, int *err, int *why)
         if ((outcome = recorded(lo, hi, err, why)) != SYNC_OK)
             return outcome;
     }
+    if (is_async(flags))
+        writeout_start(lo, hi);
     return SYNC_OK;
 }
 
@@ -316,7 +318,7 @@ note_interrupted(Py_ssize_t done, Py_ssize_t total, int flags)
             "msyncext.flush_ranges was interrupted after %zd of %zd msync "
             "calls: %s, the rest were not flushed", done, total,
             is_async(flags)
-                ? "those runs were scheduled for write-back (MS_ASYNC: not "
+                ? "the write-out of those runs was started (MS_ASYNC: not "
                   "yet on the device)"
                 : "the pages of those runs were written back");
         if (note != NULL) {
@@ -534,18 +536,33 @@ static PyMethodDef msync_methods[] = {
     {NULL, NULL, 0, NULL}
 };
 
+/* Hand what MS_ASYNC queued to the kernel before the process goes. */
+static void
+drain_at_exit(void)
+{
+    writeout_drain(5.0);
+}
+
+static int at_exit_registered;
+
 /* The record's descriptor of /proc/self/maps (opened now: a failure may
- * come when no descriptor is left) and its fork handlers. Once per
- * process, whichever interpreter imports first. */
+ * come when no descriptor is left), the fork handlers, the exit drain.
+ * Once per process, whichever interpreter imports first. */
 static int
 start_process_state(void)
 {
-    int rc = wb_init();
+    int rc = wb_init(), expected = 0;
+    if (rc == 0)
+        rc = writeout_init();
     if (rc != 0) {
         errno = rc;
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
+    if (__atomic_compare_exchange_n(&at_exit_registered, &expected, 1, 0,
+                                    __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)
+        && Py_AtExit(drain_at_exit) < 0)
+        __atomic_store_n(&at_exit_registered, 0, __ATOMIC_RELEASE);
     return 0;
 }
 

@@ -14,13 +14,15 @@
  *   - writeback.c: the write-back failure record: once msync reports that
  *     write-back of a file failed, every later flush of that file raises
  *     WritebackError until the caller clears it (one record per process);
+ *   - writeout.c: what MS_ASYNC asks for, write-out started now, handed to
+ *     a background thread (Linux);
  *   - module.c: the syscall, the methods, constants and slots.
  *
  * Uses point one way: module.c uses all the others, batch.c uses pin.c and
- * args.c, pin.c uses args.c; writeback.c uses maps.c, and maps.c uses
- * none.
+ * args.c, pin.c uses args.c; writeout.c uses writeback.c and maps.c,
+ * writeback.c uses maps.c, and maps.c uses none.
  *
- * maps.c and writeback.c run without the GIL and use no Python
+ * maps.c, writeback.c and writeout.c run without the GIL and use no Python
  * API: they define MSYNCEXT_NO_PYTHON before including this file and see
  * only their own sections, which need libc alone.
  */
@@ -97,10 +99,23 @@ int wb_check(uintptr_t lo, uintptr_t hi, int *err, int *why);
 /* Record the failure msync reported over [lo, hi); returns the errno to
  * report (the first recorded for that file). */
 int wb_record(uintptr_t lo, uintptr_t hi, int err);
+/* The same for a failure seen through a descriptor of the file. */
+int wb_record_file(uint64_t dev, uint64_t ino, int fd, int err);
 /* Wait until no other thread is recording a failure. */
 void wb_settle(void);
 /* Forget the failures of the file(s) in [lo, hi); the first errno or 0. */
 int wb_clear(uintptr_t lo, uintptr_t hi);
+
+/* ------------------------------------------------------------------------
+ * writeout.c: MS_ASYNC's write-out, started now. No GIL needed.
+ */
+
+int writeout_init(void);
+/* Start writing back the file pages mapped at [lo, hi), without waiting. */
+int writeout_start(uintptr_t lo, uintptr_t hi);
+/* Wait up to seconds until everything queued is handed to the kernel. */
+void writeout_drain(double seconds);
+int writeout_thread_running(void);
 
 #ifndef MSYNCEXT_NO_PYTHON
 

@@ -321,6 +321,29 @@ wb_record(uintptr_t lo, uintptr_t hi, int err)
     return err;
 }
 
+int
+wb_record_file(uint64_t dev, uint64_t ino, int fd, int err)
+{
+    wb_failure f;
+    struct stat st;
+    int reported;
+
+    /* A failure seen through a descriptor (the write-out thread's): the
+     * file is known, and a duplicate of the descriptor holds it. */
+    memset(&f, 0, sizeof(f));
+    f.identified = 1;
+    f.dev = dev;
+    f.ino = ino;
+    f.err = err;
+    f.held_fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (fstat(fd, &st) == 0 && (uint64_t)st.st_ino == ino)
+        f.st_dev = dev_key(st.st_dev);
+    pthread_mutex_lock(&wb_lock);
+    reported = insert_locked(&f);
+    pthread_mutex_unlock(&wb_lock);
+    return reported;
+}
+
 void
 wb_settle(void)
 {
