@@ -160,6 +160,56 @@ pages_covering(const char *addr, Py_ssize_t size, Py_ssize_t pagesize,
  * flush()
  */
 
+/* evict=: True or False, and only with MS_SYNC: pages are evicted once they
+ * are written, which only MS_SYNC waits for. */
+static int
+to_evict(PyObject *obj, int flags, int *out)
+{
+    if (!PyBool_Check(obj)) {
+        PyObject *tname = type_name(obj);
+        if (tname != NULL) {
+            PyErr_Format(PyExc_TypeError,
+                         "evict must be True or False, not %R (%U)", obj,
+                         tname);
+            Py_DECREF(tname);
+        }
+        return -1;
+    }
+    *out = obj == Py_True;
+    if (!*out)
+        return 0;
+#if defined(MADV_PAGEOUT)
+    if (flags != MS_SYNC && flags != (MS_SYNC | MS_INVALIDATE)) {
+        PyErr_Format(PyExc_ValueError,
+                     "evict=True needs flags=MS_SYNC (the pages are evicted "
+                     "once written back, which only MS_SYNC waits for), "
+                     "not %d", flags);
+        return -1;
+    }
+    return 0;
+#else
+    (void)flags;
+    PyErr_SetString(PyExc_ValueError,
+                    "evict=True needs madvise(MADV_PAGEOUT) (Linux 5.4+), "
+                    "which this platform does not have");
+    return -1;
+#endif
+}
+
+/* Drop the span's pages from the page cache now that they are clean: the
+ * kernel reclaims those this process alone maps. 0, or an errno. */
+static int
+evict_span(char *start, size_t length)
+{
+#if defined(MADV_PAGEOUT)
+    return madvise(start, length, MADV_PAGEOUT) == 0 ? 0 : errno;
+#else
+    (void)start;
+    (void)length;
+    return ENOSYS;
+#endif
+}
+
 /* Positional-or-keyword offset and size, keyword-only flags, parsed by
  * hand: the limited API has no fast argument parser, and PyArg_Parse* on
  * the hot path would cost more than the rest of the call. */
@@ -167,7 +217,8 @@ static int
 parse_flush_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
                  PyObject **slots)
 {
-    static const char *const names[] = {"buf", "offset", "size", "flags"};
+    static const char *const names[] = {"buf", "offset", "size", "flags",
+                                        "evict"};
     Py_ssize_t i, nkw = 0;
     int k;
 
@@ -185,11 +236,11 @@ parse_flush_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
         PyObject *name = PyTuple_GetItem(kwnames, i);
         if (name == NULL)
             return -1;
-        for (k = 0; k < 4; k++) {
+        for (k = 0; k < 5; k++) {
             if (PyUnicode_CompareWithASCIIString(name, names[k]) == 0)
                 break;
         }
-        if (k == 4) {
+        if (k == 5) {
             PyErr_Format(PyExc_TypeError,
                          "flush() got an unexpected keyword argument %R",
                          name);
@@ -212,25 +263,29 @@ parse_flush_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
 }
 
 PyDoc_STRVAR(flush_doc,
-"flush($module, /, buf, offset=0, size=None, *, flags=MS_SYNC)\n--\n\n"
+"flush($module, /, buf, offset=0, size=None, *, flags=MS_SYNC, evict=False)\n"
+"--\n\n"
 "Write back the pages holding buf[offset:offset+size] with msync(2).\n\n"
 "offset and size are bytes relative to the start of buf, which need not be\n"
 "page aligned: exactly the pages the range touches are synced. size=None\n"
 "means to the end of buf; size=0 makes no syscall. flags is one of\n"
-"VALID_FLAGS. The GIL is released for the syscall, and the mapping under\n"
-"buf cannot be closed or resized meanwhile. Raises OSError (errno kept)\n"
-"if msync fails, WritebackError if write-back of the file failed, now or\n"
-"in an earlier flush.");
+"VALID_FLAGS: MS_SYNC waits until the pages are written (the only flag\n"
+"after which they are durable); MS_ASYNC starts writing them and returns.\n"
+"evict=True (with MS_SYNC) then drops the written pages from the page\n"
+"cache. The GIL is released for the syscall, and the mapping under buf\n"
+"cannot be closed or resized meanwhile. Raises OSError (errno kept) if\n"
+"msync refuses the call, WritebackError if write-back of the file failed,\n"
+"now or in an earlier flush.");
 
 static PyObject *
 msync_flush(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
             PyObject *kwnames)
 {
     module_state *st = get_state(module);
-    PyObject *slots[4] = {NULL, NULL, NULL, NULL};
+    PyObject *slots[5] = {NULL, NULL, NULL, NULL, NULL};
     pinned pin;
     Py_ssize_t offset = 0, size = 0, len;
-    int flags = MS_SYNC, outcome, err = 0, why = 0;
+    int flags = MS_SYNC, outcome, err = 0, why = 0, evict = 0, evicted = 0;
     char *start;
     size_t length;
 
@@ -243,6 +298,8 @@ msync_flush(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
     if (slots[2] != NULL && flush_count_arg(slots[2], "size", &size) < 0)
         return NULL;
     if (slots[3] != NULL && to_flags(slots[3], &flags) < 0)
+        return NULL;
+    if (slots[4] != NULL && to_evict(slots[4], flags, &evict) < 0)
         return NULL;
 
     if (pin_buffer(st, slots[0], &pin) < 0)
@@ -272,7 +329,21 @@ msync_flush(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
                    &start, &length);
     Py_BEGIN_ALLOW_THREADS
     outcome = sync_span(start, length, flags, &err, &why);
+    if (outcome == SYNC_OK && evict)
+        evicted = evict_span(start, length);
     Py_END_ALLOW_THREADS
+    if (outcome == SYNC_OK && evicted != 0) {
+        PyObject *where = span_label(&pin, start, length);
+        if (where != NULL) {
+            PyErr_Format(PyExc_OSError,
+                         "%U were written back, but could not be evicted "
+                         "from the page cache: madvise(MADV_PAGEOUT): %s",
+                         where, strerror(evicted));
+            Py_DECREF(where);
+        }
+        unpin_buffer(&pin);
+        return NULL;
+    }
     if (outcome != SYNC_OK) {
         raise_sync_error(st, outcome, err, why,
                          span_label(&pin, start, length));

@@ -43,6 +43,7 @@ def flush(
     size: SupportsIndex | None = None,
     *,
     flags: SupportsIndex = ...,
+    evict: bool = False,
 ) -> None:
     """Write back the pages holding ``buf[offset:offset+size]`` with msync(2)."""
 
@@ -64,4 +65,5 @@ def clear_writeback_error(buf: _BufferLike, /) -> int | None:
     """Forget a recorded write-back failure of the file mapped under ``buf``."""
 
 def page_offset(buf: _BufferLike, /) -> int: ...
+def writeback_tracking() -> str: ...
 def _set_writeback_error(cls: type[OSError], /) -> None: ...

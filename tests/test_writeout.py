@@ -318,3 +318,34 @@ def test_ms_async_from_a_subinterpreter(tmp_path: Path) -> None:
         _wait_written(fd)
     finally:
         os.close(fd)
+
+
+# --------------------------------------------------------------------------
+# evict=True: written pages leave the page cache (issue 15, point 7)
+
+
+def test_evict_drops_the_written_pages_from_the_cache(disk_map: MapFactory) -> None:
+    mapped = disk_map(64 * PAGE)
+    _dirty_everything(mapped)
+    msyncext.flush(mapped.map, 8 * PAGE, 16 * PAGE, evict=True)
+    inside = blockdev.cachestat(mapped.fd, 8 * PAGE, 16 * PAGE)
+    assert (inside.cached, inside.dirty) == (0, 0), inside
+    # The rest of the map stays cached and dirty: only the range was asked.
+    outside = blockdev.cachestat(mapped.fd, 0, 8 * PAGE)
+    assert (outside.cached, outside.dirty) == (8, 8), outside
+    # What was evicted was written: read back through a fresh descriptor.
+    with open(mapped.path, "rb") as f:
+        assert f.read(9 * PAGE)[8 * PAGE :][:64] == b"\x01" * 64
+    # Without evict the written pages stay cached.
+    msyncext.flush(mapped.map, 0, 8 * PAGE)
+    assert blockdev.cachestat(mapped.fd, 0, 8 * PAGE).cached == 8
+
+
+def test_evict_needs_ms_sync_and_a_bool(shm_map: MapFactory) -> None:
+    m = shm_map(4 * PAGE).map
+    with pytest.raises(ValueError, match="evict=True needs flags=MS_SYNC"):
+        msyncext.flush(m, evict=True, flags=MS_ASYNC)
+    with pytest.raises(TypeError, match=r"evict must be True or False, not 1 \(int\)"):
+        msyncext.flush(m, evict=1)  # type: ignore[arg-type]
+    msyncext.flush(m, evict=False, flags=MS_ASYNC)
+    m.close()  # no export left behind by the refused calls
