@@ -195,6 +195,19 @@ def _cases(
             [m, pairs],
         ),
         "batch-nargs": (lambda: flush_batch(m, pairs), TypeError, [m, pairs]),
+        "evict": (lambda: flush(m, PAGESIZE, 1, evict=True), None, [m]),
+        "evict-not-bool": (lambda: flush(m, evict=1), TypeError, [m]),
+        "evict-async": (
+            lambda: flush(m, evict=True, flags=MS_ASYNC),
+            ValueError,
+            [m],
+        ),
+        "ctypes-chain": (
+            lambda: flush((ctypes.c_char * 64).from_buffer(memmap()), 1, 2),
+            None,
+            [m],
+        ),
+        "tracking": (lambda: _msync.writeback_tracking(), None, []),
         "page-offset": (lambda: _msync.page_offset(m), None, [m]),
         "page-offset-bad": (lambda: _msync.page_offset(idx), TypeError, [idx]),
     }
@@ -256,7 +269,10 @@ def test_refcounts_and_traced_memory_stay_flat(shm_map: mmap.mmap, name: str) ->
         for _ in range(ROUNDS):
             _call(call, expected)
 
-    grown = _traced_growth(work)
+    # The least of three tries: freelists and caches hold a few KB more or
+    # less after a batch (up to 25 KB seen for a ctypes view, not growing
+    # with the calls), while a leak shows in every try.
+    grown = min(_traced_growth(work) for _ in range(3))
     assert [sys.getrefcount(obj) for obj in watched] == counts
     # A leak of even one small object per call would be ROUNDS * >= 16 bytes.
     assert grown < max(4096, ROUNDS * 2), f"{grown} bytes more after {ROUNDS} calls"
