@@ -258,12 +258,14 @@ def loop_ext4(
     backing_dir: str | None = None,
     mount_options: str = "",
     inodes: int = 1024,
+    mkfs_options: tuple[str, ...] = (),
 ) -> Iterator[LoopFS]:
     """Build, attach and mount a small ext4 with 4 KiB blocks; always undo it.
 
     mkfs initialises the inode tables and journal up front (no lazy init),
     so no kernel thread writes to the device behind a test's back, and the
-    inode count is small so that this costs little.
+    inode count is small so that this costs little. ``mkfs_options`` go to
+    mkfs.ext4 as well (e.g. ``("-O", "^has_journal")``).
     """
     with contextlib.ExitStack() as stack:
         workdir = tempfile.mkdtemp(prefix="msyncext-loop-")
@@ -274,7 +276,7 @@ def loop_ext4(
         stack.callback(os.unlink, backing)
         _run(
             "mkfs.ext4", "-q", "-F", "-b", "4096", "-N", str(inodes),
-            "-E", "lazy_itable_init=0,lazy_journal_init=0", backing,
+            "-E", "lazy_itable_init=0,lazy_journal_init=0", *mkfs_options, backing,
         )  # fmt: skip
         device = _run("losetup", "--find", "--show", backing).strip()
         # losetup -d only asks: the kernel detaches once the device is
