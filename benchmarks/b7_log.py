@@ -1,7 +1,9 @@
 """B7: an append-only log. Each commit appends 1 to 8 records of 100 to 4,000
 bytes to a mapped disk file and makes them durable: by m.flush or ctypes msync
 of the pages (aligned by hand), msyncext.flush of exactly its bytes, or one
-msyncext.flush_ranges per 8 commits (latency: first append to the group's end).
+msyncext.flush_ranges per 8 commits (latency: first append to the group's end),
+also with each commit's write-out started as it is appended (MS_ASYNC, issue
+15; RocksDB's wal_bytes_per_sync), so the group's sync has less left to write.
 Alone and beside a CPU thread, whose share is its speed against its speed alone."""
 
 import ctypes
@@ -22,6 +24,7 @@ COMMITS = [
     for _ in range(1000)
 ]
 Flush = Callable[[list[tuple[int, int]]], object]  # a list of (begin, size) commits
+Start = Callable[[int, int], object] | None  # called with each commit's (begin, size)
 
 
 def aligned(
@@ -31,8 +34,9 @@ def aligned(
     flush(begin - begin % c.PAGE, begin % c.PAGE + size)
 
 
-def flushes(m: mmap.mmap) -> dict[str, tuple[Flush, int]]:
-    """Each way to flush, and how many commits it takes at once."""
+def flushes(m: mmap.mmap) -> dict[str, tuple[Flush, int, Start]]:
+    """Each way to flush, how many commits it takes at once, and what starts the
+    write-out of each commit as it is appended (None: nothing)."""
     msync, addr = c.libc_msync(m)
 
     def by_ctypes(start: int, size: int) -> None:
@@ -40,17 +44,25 @@ def flushes(m: mmap.mmap) -> dict[str, tuple[Flush, int]]:
             raise OSError(ctypes.get_errno(), "msync failed")
 
     return {
-        "m.flush, aligned by hand": (partial(aligned, m.flush), 1),
-        "msyncext.flush": (lambda commits: msyncext.flush(m, *commits[0]), 1),
-        "ctypes msync, aligned by hand": (partial(aligned, by_ctypes), 1),
+        "m.flush, aligned by hand": (partial(aligned, m.flush), 1, None),
+        "msyncext.flush": (lambda commits: msyncext.flush(m, *commits[0]), 1, None),
+        "ctypes msync, aligned by hand": (partial(aligned, by_ctypes), 1, None),
         "msyncext.flush_ranges, 8 commits a call": (
             partial(msyncext.flush_ranges, m),
             8,
+            None,
+        ),
+        "msyncext.flush_ranges, 8 commits a call, MS_ASYNC per commit": (
+            partial(msyncext.flush_ranges, m),
+            8,
+            partial(msyncext.flush, m, flags=msyncext.MS_ASYNC),
         ),
     }
 
 
-def writer(m: mmap.mmap, flush: Flush, group: int, latency: list[int]) -> c.Body:
+def writer(
+    m: mmap.mmap, flush: Flush, group: int, start: Start, latency: list[int]
+) -> c.Body:
     def body(stop: list[bool]) -> float:
         pos = n = 0
         commits: list[tuple[int, int]] = []
@@ -63,6 +75,8 @@ def writer(m: mmap.mmap, flush: Flush, group: int, latency: list[int]) -> c.Body
                 pos += len(record)
             n += 1
             commits.append((begin, pos - begin))
+            if start:
+                start(begin, pos - begin)
             if len(commits) == group:
                 flush(commits)
                 end = time.perf_counter_ns()
@@ -81,9 +95,9 @@ def run(ctx: c.Context) -> c.Figures:
         runs: dict[str, Callable[[], list[float]]] = {
             "cpu": partial(c.threads, [c.cpu], secs)
         }
-        for name, (flush, group) in flushes(m).items():
+        for name, (flush, group, start) in flushes(m).items():
             for at in (f"alone, {name}", f"beside CPU, {name}"):
-                body = writer(m, flush, group, latency.setdefault(at, []))
+                body = writer(m, flush, group, start, latency.setdefault(at, []))
                 runs[at] = partial(c.threads, [body, c.cpu][: 1 + (at[0] == "b")], secs)
         got = c.rounds(n, runs)
     out: c.Figures = {}

@@ -23,6 +23,7 @@ Figures = dict[str, Any]  # "label [unit]" -> value, as printed and saved
 Body = Callable[[list[bool]], float]  # loops until stop[0]; returns a count
 K = TypeVar("K")
 V = TypeVar("V")
+_syscall = getattr(ctypes.CDLL(None), "syscall", None)  # for cachestat(2)
 kept = contextlib.ExitStack()  # maps that pyperf's workers time, closed at exit
 atexit.register(kept.close)
 
@@ -84,12 +85,31 @@ def libc_msync(m: mmap.mmap) -> tuple[Callable[[int, int, int], int], int]:
     return fn, ctypes.addressof(ctypes.c_char.from_buffer(m))  # valid until m closes
 
 
+class CacheStat(NamedTuple):
+    """Page counts of a file range, as cachestat(2) gives them."""
+
+    cache: int
+    dirty: int
+    writeback: int
+    evicted: int
+    recently_evicted: int
+
+
+def cachestat(fd: int, offset: int = 0, length: int = 0) -> CacheStat | None:
+    """cachestat(2) of the file's bytes [offset, offset + length), to its end if
+    length is 0 (syscall 451 on x86_64 and aarch64); None before Linux 6.5 and
+    elsewhere. It walks every cached page of the range: ~0.1 ms for 2 GiB here,
+    ~8 us for 1 MiB, so sample small ranges in loops."""
+    out, rng = (ctypes.c_uint64 * 5)(), (ctypes.c_uint64 * 2)(offset, length)
+    if sys.platform != "linux" or not _syscall or _syscall(451, fd, rng, out, 0):
+        return None
+    return CacheStat(*out)
+
+
 def dirty_pages(fd: int) -> int | None:
     """Dirty and write-back pages of the file by cachestat(2) (Linux 6.5+)."""
-    out, rng = (ctypes.c_uint64 * 5)(), (ctypes.c_uint64 * 2)(0, 0)
-    if sys.platform != "linux" or ctypes.CDLL(None).syscall(451, fd, rng, out, 0):
-        return None
-    return int(out[1] + out[2])
+    st = cachestat(fd)
+    return None if st is None else st.dirty + st.writeback
 
 
 def rounds(n: int, contenders: dict[K, Callable[[], V]]) -> dict[K, list[V]]:

@@ -6,7 +6,8 @@
 
 The tables go between the README's bench-table markers, whose start names the
 runs. Per-call, batch and volume figures come from the first run with the
-GIL; the convoy and the log (B2, B7) are shown for every run given.
+GIL; the convoy, the log and the big writer (B2, B7, B9) are shown for every
+run given, with B9's goal checks (issue 15) from its figures.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ START, END = "<!-- bench-table:start", "<!-- bench-table:end -->"
 BLOCK = re.compile(re.escape(START) + "(.*?)-->.*?" + re.escape(END), re.S)
 # Rows: cells split by " | ". <SPEC KEY> is a figure, <SPEC KEY / KEY> the ratio of
 # two; SPEC is a format spec, or t (a time in ns, in the unit that reads best), us
-# (the same from us), g. {p} and {l} are filled in first. A cell whose figure is
-# missing reads "-"; a row with no figures at all is left out.
+# and ms (the same from us and ms), g. {p} and {l} are filled in first. A cell
+# whose figure is missing reads "-"; a row with no figures at all is left out.
 FIGURE = re.compile(r"<(\S+) ([^<>]+)>")
 MAIN = {  # scenario: variants ({p}: key prefix, {l}: label), row
     "B1": (
@@ -82,11 +83,74 @@ B7 = (
     "| <.0f beside CPU, {p}, CPU thread [% of alone]> %",
 )
 
+B9 = (
+    "build, writer, how it makes the file durable | total time | final sync's "
+    "stall | longest stall (a write or a flush) | peak dirty + write-back | "
+    "page cache after",
+    "{l}, {p} | <.3g {p}: total [s]> s | <ms {p}: final sync stall [ms]> | <ms "
+    "{p}: longest stall [ms]> | <,.0f {p}: peak dirty + writeback [MiB]> MiB | "
+    "<,.0f {p}: cached after [MiB]> MiB",
+)
+# B9's contenders the goal names: as b9_big_writer.py names them
+B9_FINAL, B9_NEW = "final MS_SYNC only", "MS_ASYNC per chunk, final MS_SYNC"
+
+
+def b9_notes(b9: dict[str, Any], build: str) -> list[str]:
+    """The run's set-up, and issue 15's goal for the write-out call, per writer:
+    its final sync's stall at most a tenth of the final-sync-only one's, its
+    total time within 5 % of the fastest contender's, its longest stall the
+    shortest of all."""
+    if "file size [MiB]" not in b9:
+        return []
+    bg = b9.get("kernel's background write-back threshold at start [MiB]")
+    n = b9["rounds"]
+    out = [
+        f"- B9, {build}: a {b9['file size [MiB]']:,.0f} MiB file written in 1 MiB "
+        + (f"chunks, medians of {n} rounds" if n > 1 else "chunks, one round")
+        + (f"; kernel's background write-back threshold {bg:,.0f} MiB" if bg else "")
+    ]
+    ends = [k for k in b9 if k.endswith(": total [s]")]
+    runs = [k.removesuffix(": total [s]").split(", ", 1) for k in ends]
+    for w in dict.fromkeys(w for w, how in runs if how == B9_NEW):
+        total, stall, final = {}, {}, {}
+        for how in (how for v, how in runs if v == w):
+            total[how] = b9[f"{w}, {how}: total [s]"]
+            stall[how] = b9[f"{w}, {how}: longest stall [ms]"]
+            if f"{w}, {how}: final sync stall [ms]" in b9:
+                final[how] = b9[f"{w}, {how}: final sync stall [ms]"]
+        goal = f"- B9 goal, {build}, {w}: "
+        if B9_FINAL in final:
+            a, b = final[B9_NEW], final[B9_FINAL]
+            detail = f"{fmt('ms', a)} against {fmt('ms', b)}, {a / b:.0%}"
+            out.append(
+                f"{goal}its final sync's stall at most a tenth of the stall with "
+                f"{B9_FINAL}: " + verdict(a <= b / 10, detail)
+            )
+        fast = min((h for h in total if h != B9_NEW), key=total.__getitem__)
+        a, b = total[B9_NEW], total[fast]
+        detail = f"{a:.3g} s against {b:.3g} s ({fast}), {a / b - 1:+.1%}"
+        out.append(
+            f"{goal}its total time within 5 % of the fastest contender's: "
+            + verdict(a <= 1.05 * b, detail)
+        )
+        short = min((h for h in stall if h != B9_NEW), key=stall.__getitem__)
+        a, b = stall[B9_NEW], stall[short]
+        detail = f"{fmt('ms', a)} against {fmt('ms', b)} ({short})"
+        out.append(
+            f"{goal}its longest stall the shortest of all: " + verdict(a <= b, detail)
+        )
+    return [*out, ""]
+
+
+def verdict(met: bool, detail: str) -> str:
+    """As B8 words its targets."""
+    return f"{'met' if met else 'MISSED'} ({detail})"
+
 
 def fmt(spec: str, x: float) -> str:
-    if spec in ("t", "us"):
-        x *= 1e3 if spec == "us" else 1
-        for unit, scale in (("ms", 1e6), ("µs", 1e3)):
+    if spec in ("t", "us", "ms"):
+        x *= {"t": 1, "us": 1e3, "ms": 1e6}[spec]
+        for unit, scale in (("s", 1e9), ("ms", 1e6), ("µs", 1e3)):
             if x >= scale:
                 return f"{x / scale:.3g} {unit}"
         return f"{x:.0f} ns"
@@ -149,6 +213,13 @@ def render(docs: list[dict[str, Any]]) -> str:
         names = [k[7:-12] for k in b7 if re.match(r"alone, .* \[commits/s\]$", k)]
         log += [row(B7[1], b7, name, m["python"]) for name in names]
     out += table(B2[0], convoy) + table(B7[0], log)
+    writers, notes = [], []
+    for d in docs:
+        b9, build = d["results"].get("B9", {}), d["machine"]["python"]
+        names = [k[:-11] for k in b9 if k.endswith(": total [s]")]
+        writers += [row(B9[1], b9, name, build) for name in names]
+        notes += b9_notes(b9, build)
+    out += table(B9[0], writers) + notes
     targets = gil.get("B8", {}).items()
     out += [f"- {k[8:]}: {v}" for k, v in targets if k.startswith("target: ")]
     return "\n".join(out).rstrip() + "\n"
