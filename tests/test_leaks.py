@@ -265,17 +265,26 @@ def test_refcounts_and_traced_memory_stay_flat(shm_map: mmap.mmap, name: str) ->
     gc.collect()
     counts = [sys.getrefcount(obj) for obj in watched]
 
+    # Making ctypes objects leaves tens of KB more or less in freelists and
+    # delayed frees after a batch (10-80 KB on 3.14t), the same after 5,000
+    # calls as after 50,000: more calls for that case, so that a leak of one
+    # small object per call (16 bytes or more each) still stands out.
+    rounds = ROUNDS * NOISY.get(name, 1)
+
     def work() -> None:
-        for _ in range(ROUNDS):
+        for _ in range(rounds):
             _call(call, expected)
 
-    # The least of three tries: freelists and caches hold a few KB more or
-    # less after a batch (up to 25 KB seen for a ctypes view, not growing
-    # with the calls), while a leak shows in every try.
+    # The least of three tries: noise varies from try to try, a leak shows in
+    # every one.
     grown = min(_traced_growth(work) for _ in range(3))
     assert [sys.getrefcount(obj) for obj in watched] == counts
-    # A leak of even one small object per call would be ROUNDS * >= 16 bytes.
-    assert grown < max(4096, ROUNDS * 2), f"{grown} bytes more after {ROUNDS} calls"
+    # A leak of even one small object per call would be rounds * >= 16 bytes.
+    bound = max(4096, rounds * (8 if name in NOISY else 2))
+    assert grown < bound, f"{grown} bytes more after {rounds} calls"
+
+
+NOISY = {"ctypes-chain": 8}
 
 
 def _lock(m: mmap.mmap) -> tuple[Callable[[], None], int]:
