@@ -67,7 +67,7 @@ else
         done |
         tar -C "$repo" --null -T - -c | tar -x -C "$src"
 fi
-for f in README.md CHANGES.md LICENSE pyproject.toml setup.py; do
+for f in README.md CHANGES.md CONTRIBUTING.md LICENSE pyproject.toml setup.py; do
     [[ -f $src/$f ]] || fail "$f is missing from the $mode tree"
 done
 compgen -G "$src/tests/test_*.py" >/dev/null || fail "no tests/test_*.py in the $mode tree"
@@ -111,7 +111,11 @@ done
 check_identifiers macos "${expected[@]}"
 
 step "python -m build (the sdist, then the wheel from it)"
-"$tools_py" -m build --outdir "$dist" "$src"
+"$tools_py" -m build --outdir "$dist" "$src" 2>&1 | tee "$work/build.log"
+# MANIFEST.in lines that match nothing print these; each is a stale line.
+if grep -E "^(warning: )?no (files|previously-included (files|directories)) (found )?matching" "$work/build.log"; then
+    fail "MANIFEST.in has lines that match nothing (above)"
+fi
 sdists=("$dist"/*.tar.gz)
 wheels=("$dist"/*.whl)
 [[ ${#sdists[@]} == 1 && ${#wheels[@]} == 1 ]] || fail "expected one sdist and one wheel in $dist"
@@ -195,8 +199,8 @@ python_layer = {
     for p in (src / "msyncext").glob(pattern)
 }
 
-# sdist: what builds, what tests, what documents, and the benchmarks the README
-# tells readers to run (MANIFEST.in); nothing from .ci/.
+# sdist: what builds, what tests, what documents, the benchmarks and the
+# recipes the documents point to (MANIFEST.in); nothing from .ci/.
 name, sdist_version = parse_sdist_filename(sdist.name)
 if sdist_version != Version(version):
     problems.append(f"sdist version {sdist_version} != __version__ {version}")
@@ -206,8 +210,9 @@ with tarfile.open(sdist) as tar:
     got = {m.name.removeprefix(prefix) for m in members}
     pkg_info = tar.extractfile(prefix + "PKG-INFO").read().decode()
 required = (
-    {"pyproject.toml", "setup.py", "README.md", "CHANGES.md", "LICENSE", "PKG-INFO"}
-    | files_under("csrc", "tests", "benchmarks")
+    {"pyproject.toml", "setup.py", "README.md", "CHANGES.md", "CONTRIBUTING.md"}
+    | {"LICENSE", "PKG-INFO"}
+    | files_under("csrc", "tests", "benchmarks", "docs")
     | python_layer
 )
 compare(
