@@ -130,6 +130,20 @@ repaired=${repaireds[0]}
 show=$(auditwheel show "$repaired")
 printf '%s\n' "$show"
 
+step "the repaired wheel's module carries no debug information"
+# setup.py compiles release builds with -g0 (Python's CFLAGS carry -g).
+mkdir "$work/unzipped"
+"$tools_py" -m zipfile -e "$repaired" "$work/unzipped"
+modules=("$work"/unzipped/msyncext/_msync*.so)
+[[ ${#modules[@]} == 1 ]] || fail "expected one compiled module in $(basename "$repaired")"
+module_so=${modules[0]}
+if readelf -S --wide "$module_so" | grep -E '\.z?debug_'; then
+    fail "$(basename "$module_so") in $(basename "$repaired") has debug sections (above)"
+fi
+module_bytes=$(stat -c %s "$module_so")
+wheel_bytes=$(stat -c %s "$repaired")
+echo "module $(basename "$module_so"): $module_bytes bytes; wheel: $wheel_bytes bytes"
+
 step "archive contents and metadata"
 "$tools_py" - "$src" "$sdist" "$wheel" "$repaired" "$(uname -m)" <<'EOF'
 import ast
@@ -357,6 +371,7 @@ echo "sdist:          $(basename "$sdist")"
 echo "wheel (build):  $(basename "$wheel")"
 echo "wheel (repair): $(basename "$repaired")"
 echo "wheel tags:     $(basename "$repaired" .whl | cut -d- -f3-)"
+echo "wheel size:     $wheel_bytes bytes (module $module_bytes bytes, no debug sections)"
 echo "auditwheel show:"
 printf '%s\n' "$show" | sed 's/^/    /'
 echo "wheels.sh: all checks passed in $((SECONDS - started)) s"
