@@ -1,7 +1,9 @@
 """Declares the C extension; metadata lives in pyproject.toml.
 
 Environment:
-  MSYNCEXT_DEBUG=1   build with -O0 -g3 for valgrind and gdb;
+  MSYNCEXT_DEBUG=1   build with -O0 -g3 for valgrind and gdb (release
+                     builds, the wheels among them, get -g0: no debug
+                     information);
   MSYNCEXT_WERROR=1  make compiler warnings errors (CI and development set
                      it; a user's newer compiler must not fail their build).
 The extension is always recompiled, so switching MSYNCEXT_DEBUG never
@@ -34,6 +36,11 @@ if WERROR:
     compile_args.append("-Werror")
 if DEBUG:
     compile_args += ["-O0", "-g3"]
+else:
+    # Python's own CFLAGS usually carry -g, which would ship ~80 KB of debug
+    # information in every wheel; -g0 comes later on the command line and
+    # wins. The symbol table stays, so backtraces still name functions.
+    compile_args.append("-g0")
 
 define_macros = [("MSYNCEXT_BUILD_MODE", '"debug"' if DEBUG else '"release"')]
 if not FREE_THREADED:

@@ -195,7 +195,8 @@ in_chroot() {  # command... (a clean environment; plain PyPI through the host's 
     chroot "$sid" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         HOME=/root LANG=C.UTF-8 TMPDIR=/tmp DEBIAN_FRONTEND=noninteractive \
         PIP_CONFIG_FILE=/dev/null PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
-        PIP_DISABLE_PIP_VERSION_CHECK=1 "$@"
+        PIP_DISABLE_PIP_VERSION_CHECK=1 \
+        ${MSYNCEXT_TEST_MOUNTS:+MSYNCEXT_TEST_MOUNTS="$MSYNCEXT_TEST_MOUNTS"} "$@"
 }
 mount_chroot() {
     mountpoint -q "$sid/proc" || mount -t proc proc "$sid/proc"

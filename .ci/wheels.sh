@@ -67,7 +67,7 @@ else
         done |
         tar -C "$repo" --null -T - -c | tar -x -C "$src"
 fi
-for f in README.md CHANGES.md LICENSE pyproject.toml setup.py; do
+for f in README.md CHANGES.md CONTRIBUTING.md LICENSE pyproject.toml setup.py; do
     [[ -f $src/$f ]] || fail "$f is missing from the $mode tree"
 done
 compgen -G "$src/tests/test_*.py" >/dev/null || fail "no tests/test_*.py in the $mode tree"
@@ -111,7 +111,11 @@ done
 check_identifiers macos "${expected[@]}"
 
 step "python -m build (the sdist, then the wheel from it)"
-"$tools_py" -m build --outdir "$dist" "$src"
+"$tools_py" -m build --outdir "$dist" "$src" 2>&1 | tee "$work/build.log"
+# MANIFEST.in lines that match nothing print these; each is a stale line.
+if grep -E "^(warning: )?no (files|previously-included (files|directories)) (found )?matching" "$work/build.log"; then
+    fail "MANIFEST.in has lines that match nothing (above)"
+fi
 sdists=("$dist"/*.tar.gz)
 wheels=("$dist"/*.whl)
 [[ ${#sdists[@]} == 1 && ${#wheels[@]} == 1 ]] || fail "expected one sdist and one wheel in $dist"
@@ -125,6 +129,20 @@ repaireds=("$house"/*.whl)
 repaired=${repaireds[0]}
 show=$(auditwheel show "$repaired")
 printf '%s\n' "$show"
+
+step "the repaired wheel's module carries no debug information"
+# setup.py compiles release builds with -g0 (Python's CFLAGS carry -g).
+mkdir "$work/unzipped"
+"$tools_py" -m zipfile -e "$repaired" "$work/unzipped"
+modules=("$work"/unzipped/msyncext/_msync*.so)
+[[ ${#modules[@]} == 1 ]] || fail "expected one compiled module in $(basename "$repaired")"
+module_so=${modules[0]}
+if readelf -S --wide "$module_so" | grep -E '\.z?debug_'; then
+    fail "$(basename "$module_so") in $(basename "$repaired") has debug sections (above)"
+fi
+module_bytes=$(stat -c %s "$module_so")
+wheel_bytes=$(stat -c %s "$repaired")
+echo "module $(basename "$module_so"): $module_bytes bytes; wheel: $wheel_bytes bytes"
 
 step "archive contents and metadata"
 "$tools_py" - "$src" "$sdist" "$wheel" "$repaired" "$(uname -m)" <<'EOF'
@@ -195,8 +213,8 @@ python_layer = {
     for p in (src / "msyncext").glob(pattern)
 }
 
-# sdist: what builds, what tests, what documents, and the benchmarks the README
-# tells readers to run (MANIFEST.in); nothing from .ci/.
+# sdist: what builds, what tests, what documents, the benchmarks and the
+# recipes the documents point to (MANIFEST.in); nothing from .ci/.
 name, sdist_version = parse_sdist_filename(sdist.name)
 if sdist_version != Version(version):
     problems.append(f"sdist version {sdist_version} != __version__ {version}")
@@ -206,8 +224,9 @@ with tarfile.open(sdist) as tar:
     got = {m.name.removeprefix(prefix) for m in members}
     pkg_info = tar.extractfile(prefix + "PKG-INFO").read().decode()
 required = (
-    {"pyproject.toml", "setup.py", "README.md", "CHANGES.md", "LICENSE", "PKG-INFO"}
-    | files_under("csrc", "tests", "benchmarks")
+    {"pyproject.toml", "setup.py", "README.md", "CHANGES.md", "CONTRIBUTING.md"}
+    | {"LICENSE", "PKG-INFO"}
+    | files_under("csrc", "tests", "benchmarks", "docs")
     | python_layer
 )
 compare(
@@ -352,6 +371,7 @@ echo "sdist:          $(basename "$sdist")"
 echo "wheel (build):  $(basename "$wheel")"
 echo "wheel (repair): $(basename "$repaired")"
 echo "wheel tags:     $(basename "$repaired" .whl | cut -d- -f3-)"
+echo "wheel size:     $wheel_bytes bytes (module $module_bytes bytes, no debug sections)"
 echo "auditwheel show:"
 printf '%s\n' "$show" | sed 's/^/    /'
 echo "wheels.sh: all checks passed in $((SECONDS - started)) s"

@@ -6,34 +6,35 @@ GIL released for the syscall; ``flush_ranges`` does the same for many
 ranges of one buffer in one call.
 
 ``flush`` is the compiled function itself: a Python wrapper around it
-measured ~100 ns on a ~330 ns call (30 %). ``flush_ranges`` checks its
-options here; the per-pair work (checking, sorting and merging a million
-pairs) is done in C, because Python could not meet its time and memory
-targets (see the README).
+measured ~100 ns on a ~330 ns call (30 %). ``flush_ranges`` is a thin
+Python function for its keyword defaults; its arguments are checked and
+the per-pair work (checking, sorting and merging a million pairs) is done
+in C, because Python could not meet its time and memory targets (see the
+README).
 """
 
-from __future__ import annotations
-
-import operator
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, SupportsIndex
-
+from msyncext import _msync
 from msyncext._msync import (
     MS_ASYNC,
     MS_INVALIDATE,
     MS_SYNC,
     PAGESIZE,
-    _set_writeback_error,
     clear_writeback_error,
     flush,
 )
-from msyncext._msync import VALID_FLAGS as _VALID_FLAGS_TUPLE
-from msyncext._msync import flush_batch as _flush_batch
 
+# Nothing else is imported at run time: typing alone costs ~7 ms, and the
+# whole import should stay under 2 ms. mypy takes any name TYPE_CHECKING as
+# true; the annotations below are strings, never evaluated. The helpers are
+# deleted at the end, so that the namespace holds the API only.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    # Type-check time only: typing_extensions, which the stub imports for
-    # Buffer on 3.11, is not a runtime dependency.
-    from msyncext._msync import _BufferLike
+    from collections.abc import Iterable
+    from typing import SupportsIndex
+
+    # What the C code pins: anything with the buffer protocol (the stub's
+    # alias, which adds numpy arrays for 3.11's type checkers).
+    from msyncext._msync import _BufferLike as Buffer
 
 __version__ = "0.2.0.dev0"
 
@@ -58,7 +59,7 @@ DEFAULT_MAX_GAP = 1024 * 1024
 #: MS_SYNC and MS_ASYNC, optionally with MS_INVALIDATE, less what the
 #: kernel refuses (FreeBSD: MS_ASYNC | MS_INVALIDATE). The C checks use
 #: the same table.
-VALID_FLAGS: frozenset[int] = frozenset(_VALID_FLAGS_TUPLE)
+VALID_FLAGS: frozenset[int] = frozenset(_msync.VALID_FLAGS)
 
 
 class WritebackError(OSError):
@@ -80,34 +81,27 @@ class WritebackError(OSError):
         )
 
 
-_set_writeback_error(WritebackError)
+_msync._set_writeback_error(WritebackError)
 
 
-def _checked_flags(flags: object) -> int:
-    """``flags`` as an int, or TypeError/ValueError naming it."""
-    if isinstance(flags, bool) or not hasattr(type(flags), "__index__"):
-        raise TypeError(
-            f"flags must be an integer, not {flags!r} ({type(flags).__name__})"
-        )
-    value = operator.index(flags)  # type: ignore[arg-type]
-    if value not in VALID_FLAGS:
-        names = {
-            MS_SYNC: "MS_SYNC",
-            MS_ASYNC: "MS_ASYNC",
-            MS_SYNC | MS_INVALIDATE: "MS_SYNC | MS_INVALIDATE",
-            MS_ASYNC | MS_INVALIDATE: "MS_ASYNC | MS_INVALIDATE",
-        }
-        allowed = ", ".join(f"{names[v]} ({v})" for v in _VALID_FLAGS_TUPLE)
-        raise ValueError(f"flags {flags!r} is not one this platform accepts: {allowed}")
-    return value
+class _MSSyncByName(int):
+    """MS_SYNC, shown by name where help() shows flush_ranges' default."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MS_SYNC"
+
+
+_MS_SYNC_BY_NAME = _MSSyncByName(MS_SYNC)
 
 
 def flush_ranges(
-    buf: _BufferLike,
-    ranges: Iterable[Iterable[SupportsIndex]] | _BufferLike,
+    buf: "Buffer",
+    ranges: "Iterable[Iterable[SupportsIndex]] | Buffer",
     *,
-    flags: SupportsIndex = MS_SYNC,
-    max_gap: SupportsIndex = DEFAULT_MAX_GAP,
+    flags: "SupportsIndex" = _MS_SYNC_BY_NAME,
+    max_gap: "SupportsIndex" = DEFAULT_MAX_GAP,
 ) -> int:
     """Write back the pages holding every ``(offset, size)`` pair of ``ranges``.
 
@@ -118,8 +112,11 @@ def flush_ranges(
     which also writes back dirty pages in the gap but saves a syscall and,
     on most filesystems, a device cache flush per run. The runs are synced
     with the GIL released, taken back every 20 ms for signal handlers.
-    Returns the number of msync(2) calls made.
+    ``flags`` is one of VALID_FLAGS. Returns the number of msync(2) calls
+    made.
     """
-    if flags is not MS_SYNC:
-        flags = _checked_flags(flags)
-    return _flush_batch(buf, ranges, flags, max_gap)
+    # flags and max_gap are checked in C, with the messages flush gives.
+    return _msync.flush_batch(buf, ranges, flags, max_gap)
+
+
+del TYPE_CHECKING, _MSSyncByName, _MS_SYNC_BY_NAME

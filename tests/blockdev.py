@@ -170,9 +170,39 @@ def _run(*argv: str) -> str:
     return done.stdout
 
 
+#: The tests that mount file systems or attach loop devices change the
+#: machine's state (briefly, and undone after), so they run only when asked,
+#: even as root: CI asks (.ci/run), a developer may.
+MOUNTS_VARIABLE = "MSYNCEXT_TEST_MOUNTS"
+
+
+def mounts_not_asked() -> str | None:
+    """Why the tests that mount must not run: not asked for, or None."""
+    if os.environ.get(MOUNTS_VARIABLE) != "1":
+        return (
+            f"set {MOUNTS_VARIABLE}=1 to run tests that mount file systems (needs root)"
+        )
+    return None
+
+
+def refuse_unless_asked() -> None:
+    # A test that mounts without going through loop_unavailable() (or
+    # powercut.fs_unavailable()) first fails here instead of mounting.
+    not_asked = mounts_not_asked()
+    if not_asked is not None:
+        raise RuntimeError(f"a test mounts without checking its gate: {not_asked}")
+
+
 @functools.cache
 def loop_unavailable() -> str | None:
-    """Why this machine cannot run the loop-device tests, or None."""
+    """Why this machine cannot run the loop-device tests, or None.
+
+    The gate of every test that mounts a file system, a tmpfs included, or
+    attaches a loop device: first whether such tests were asked for.
+    """
+    not_asked = mounts_not_asked()
+    if not_asked is not None:
+        return not_asked
     if not sys.platform.startswith("linux"):
         return "loop devices and ext4 are Linux-only"
     if os.geteuid() != 0:
@@ -235,6 +265,7 @@ class LoopFS:
 @contextlib.contextmanager
 def tmpfs(size: str) -> Iterator[str]:
     """A fresh tmpfs of ``size`` (mount syntax, e.g. ``12m``), unmounted after."""
+    refuse_unless_asked()
     with contextlib.ExitStack() as stack:
         where = tempfile.mkdtemp(prefix="msyncext-tmpfs-")
         stack.callback(os.rmdir, where)
@@ -267,6 +298,7 @@ def loop_ext4(
     inode count is small so that this costs little. ``mkfs_options`` go to
     mkfs.ext4 as well (e.g. ``("-O", "^has_journal")``).
     """
+    refuse_unless_asked()
     with contextlib.ExitStack() as stack:
         workdir = tempfile.mkdtemp(prefix="msyncext-loop-")
         stack.callback(shutil.rmtree, workdir, ignore_errors=True)

@@ -45,7 +45,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from blockdev import retry
+from blockdev import mounts_not_asked, refuse_unless_asked, retry
 
 # _IOR('X', 125, __u32): EXT4_IOC_SHUTDOWN, XFS_IOC_GOINGDOWN, FS_IOC_SHUTDOWN.
 FS_IOC_SHUTDOWN = 0x8004587D
@@ -112,6 +112,9 @@ def _kernel_has(fstype: str) -> bool:
 @functools.cache
 def fs_unavailable(name: str) -> str | None:
     """Why a ``name`` filesystem cannot be built and checked here, or None."""
+    not_asked = mounts_not_asked()
+    if not_asked is not None:
+        return not_asked
     if not sys.platform.startswith("linux"):
         return "loop devices and these filesystems are Linux-only"
     if os.geteuid() != 0:
@@ -275,6 +278,7 @@ class Rig:
 @contextlib.contextmanager
 def rig(fs_name: str, technique: str, backing_dir: str | None = None) -> Iterator[Rig]:
     """A fresh ``fs_name`` filesystem to cut by ``technique``; always undone."""
+    refuse_unless_asked()
     with contextlib.ExitStack() as stack:
         workdir = tempfile.mkdtemp(prefix=f"msyncext-{fs_name}-", dir=backing_dir)
         # Last out: by then every mount and loop device above is gone

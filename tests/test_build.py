@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,38 @@ def _build(src: Path, **env: str) -> tuple[str, str]:
     return mode, done.stdout + done.stderr
 
 
+def _section_names(path: Path) -> list[str] | None:
+    """The section names of an ELF file; None for another format (Mach-O)."""
+    data = path.read_bytes()
+    if data[:4] != b"\x7fELF":
+        return None
+    order = "<" if data[5] == 1 else ">"
+    # Where the 64-bit (or 32-bit) header and section headers keep the offsets.
+    if data[4] == 2:
+        word, shoff_at, counts_at, sh_offset_at = "Q", 0x28, 0x3A, 0x18
+    else:
+        word, shoff_at, counts_at, sh_offset_at = "I", 0x20, 0x2E, 0x10
+    (shoff,) = struct.unpack_from(order + word, data, shoff_at)
+    size, count, names_index = struct.unpack_from(order + "HHH", data, counts_at)
+    names_header = shoff + names_index * size
+    (strings,) = struct.unpack_from(order + word, data, names_header + sh_offset_at)
+    names = []
+    for i in range(count):
+        (name,) = struct.unpack_from(order + "I", data, shoff + i * size)
+        start = strings + name
+        names.append(data[start : data.index(b"\0", start)].decode())
+    return names
+
+
+def _debug_sections(src: Path) -> list[str] | None:
+    (built,) = src.glob("build/lib*/msyncext/_msync*.so")
+    names = _section_names(built)
+    if names is None:
+        return None
+    assert ".text" in names  # the reader works
+    return [n for n in names if n.startswith((".debug_", ".zdebug_"))]
+
+
 def test_switching_debug_mode_always_rebuilds(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -66,9 +99,14 @@ def test_switching_debug_mode_always_rebuilds(tmp_path: Path) -> None:
     assert mode == "release"
     assert "-Werror" not in log  # users' builds never fail on a new warning
     assert "-O0" not in log
+    # Release builds (the wheels) carry no debug information (ELF only:
+    # a Mach-O object keeps it out of the module anyway).
+    assert _debug_sections(src) in (None, [])
     mode, log = _build(src, MSYNCEXT_DEBUG="1", MSYNCEXT_WERROR="1")
     assert mode == "debug"
     assert "-Werror" in log
     assert "-O0" in log
+    debug_sections = _debug_sections(src)
+    assert debug_sections is None or ".debug_info" in debug_sections
     mode, _ = _build(src, MSYNCEXT_DEBUG="0")
     assert mode == "release"

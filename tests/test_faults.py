@@ -59,6 +59,10 @@ MAP_FIXED_NOREPLACE = 0x100000  # Linux 4.17+; older kernels treat it as a hint
 
 @pytest.fixture
 def failing_fs() -> Iterator[blockdev.LoopFS]:
+    # Every test that uses it is marked needs_loop; this catches one that is not.
+    reason = blockdev.loop_unavailable()
+    if reason is not None:
+        pytest.skip(f"fault-injection tests: {reason}")
     # 64 MiB of ext4 over a 12 MiB tmpfs: mkfs needs a few MiB, then writes fail.
     with (
         blockdev.tmpfs("12m") as small,
@@ -523,6 +527,7 @@ def _subinterpreters_unavailable() -> str | None:
     return None
 
 
+@needs_loop
 @needs_loop
 @pytest.mark.skipif(
     _subinterpreters_unavailable() is not None,

@@ -231,6 +231,29 @@ def test_bad_flags_and_max_gap(
     assert message in str(info.value)
 
 
+class _IndexReturnsStr:
+    def __index__(self) -> Any:
+        return "4"
+
+
+def test_index_returning_a_non_int_names_flags() -> None:
+    # As flush does: the interpreter's words, after the argument's name.
+    with pytest.raises(TypeError, match=r"^flags: ") as info:
+        msyncext.flush_ranges(bytearray(8), [(0, 1)], flags=_IndexReturnsStr())
+    assert "__index__" in str(info.value)
+    with pytest.raises(TypeError, match=r"^max_gap: "):
+        msyncext.flush_ranges(bytearray(8), [(0, 1)], max_gap=_IndexReturnsStr())
+
+
+def test_the_default_flags_are_ms_sync(shm_map: MapFactory) -> None:
+    # The default is MS_SYNC under a name help() shows; it must act as it.
+    default = msyncext.flush_ranges.__kwdefaults__["flags"]
+    assert default == SYNC
+    assert repr(default) == "MS_SYNC"
+    mapped = shm_map(4 * PAGE)
+    assert msyncext.flush_ranges(mapped.map, [(0, 1)]) == 1
+
+
 def test_bad_buffers(shm_map: MapFactory) -> None:
     with pytest.raises(TypeError):
         msyncext.flush_ranges(42, [(0, 1)])
