@@ -32,9 +32,68 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <sys/stat.h>
+
 #if defined(__linux__)
 #include <sys/ioctl.h>
+#include <sys/syscall.h>
 #include <sys/sysmacros.h>
+#endif
+
+/* ------------------------------------------------------------------------
+ * stat() and a close-on-exec dup(), as system calls where that is plain:
+ * glibc 2.28+ (fcntl64) and 2.33+ (stat64, fstat64) version their wrappers
+ * anew, and a wheel built against them would need that glibc, where the
+ * wheel promises 2.17. On x86_64 and aarch64 the kernel's struct stat for
+ * newfstatat is glibc's.
+ */
+
+#if defined(__linux__) && (defined(__x86_64__) || defined(__aarch64__)) \
+    && defined(SYS_newfstatat) && defined(SYS_fcntl)
+#define RAW_STAT 1
+#endif
+
+int
+stat_path(const char *path, struct stat *st)
+{
+#if defined(RAW_STAT)
+    return syscall(SYS_newfstatat, AT_FDCWD, path, st, 0) == 0 ? 0 : errno;
+#else
+    return stat(path, st) == 0 ? 0 : errno;
+#endif
+}
+
+int
+stat_fd(int fd, struct stat *st)
+{
+#if defined(RAW_STAT)
+    return syscall(SYS_newfstatat, fd, "", st, AT_EMPTY_PATH) == 0 ? 0 : errno;
+#else
+    return fstat(fd, st) == 0 ? 0 : errno;
+#endif
+}
+
+int
+dup_cloexec(int fd)
+{
+#if defined(RAW_STAT)
+    return (int)syscall(SYS_fcntl, fd, F_DUPFD_CLOEXEC, 0);
+#else
+    return fcntl(fd, F_DUPFD_CLOEXEC, 0);
+#endif
+}
+
+uint64_t
+dev_key(dev_t dev)
+{
+#if defined(__linux__)
+    return ((uint64_t)major(dev) << 32) | (uint64_t)minor(dev);
+#else
+    return (uint64_t)dev;
+#endif
+}
+
+#if defined(__linux__)
 
 /* Debian 12's headers predate PROCMAP_QUERY (Linux 6.11); the layout and
  * number are part of the kernel's ABI. */
@@ -58,6 +117,18 @@ struct msyncext_procmap_query {
 #define MSYNCEXT_PROCMAP_QUERY \
     _IOWR('f', 17, struct msyncext_procmap_query)
 #define MSYNCEXT_PROCMAP_VMA_SHARED 0x08
+
+/* memcheck cannot know that this ioctl writes the path through the pointer
+ * it is given: tell it, where its header is there (a no-op outside it). */
+#if defined(__has_include)
+#if __has_include(<valgrind/memcheck.h>)
+#include <valgrind/memcheck.h>
+#define NAME_WRITTEN(buf, n) VALGRIND_MAKE_MEM_DEFINED((buf), (n))
+#endif
+#endif
+#ifndef NAME_WRITTEN
+#define NAME_WRITTEN(buf, n) ((void)(buf), (void)(n))
+#endif
 
 /* -1: not opened yet (or lost); kept across calls, reopened after fork. */
 static int maps_fd = -1;
@@ -235,6 +306,8 @@ query_mapping_at(int fd, uintptr_t addr, mapping_info *out, char *name,
     }
     if (ioctl(fd, MSYNCEXT_PROCMAP_QUERY, &q) != 0)
         return errno;
+    if (name != NULL && name_size > 0)
+        NAME_WRITTEN(name, q.vma_name_size);
     out->start = (uintptr_t)q.vma_start;
     out->end = (uintptr_t)q.vma_end;
     out->offset = q.vma_offset;

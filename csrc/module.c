@@ -27,6 +27,12 @@
 #include <time.h>
 #include <unistd.h>
 
+/* Linux 5.4's; headers older than that (manylinux2014's) do not name it,
+ * and the kernel running the wheel decides (EINVAL before 5.4). */
+#if defined(__linux__) && !defined(MADV_PAGEOUT)
+#define MADV_PAGEOUT 21
+#endif
+
 #ifndef MSYNCEXT_BUILD_MODE
 #define MSYNCEXT_BUILD_MODE "release"
 #endif
@@ -94,6 +100,18 @@ sync_span(char *start, size_t length, int flags, int *err, int *why)
     if (is_async(flags))
         writeout_start(lo, hi);
     return SYNC_OK;
+}
+
+/* Before MS_ASYNC's first write-out: start the thread that does them,
+ * with CPython's thread API, which needs the GIL (and keeps the wheel off
+ * newer glibc symbols). With the GIL held. */
+static void
+need_writeout_thread(int flags)
+{
+    if (is_async(flags) && writeout_claim_start()
+        && PyThread_start_new_thread(writeout_thread_main, NULL)
+               == (unsigned long)-1)
+        writeout_start_failed();  /* the callers start their write-outs */
 }
 
 /* OSError (or WritebackError) with errno, os.strerror(errno) as strerror
@@ -327,6 +345,7 @@ msync_flush(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
 
     pages_covering((const char *)pin.view.buf + offset, size, st->pagesize,
                    &start, &length);
+    need_writeout_thread(flags);
     Py_BEGIN_ALLOW_THREADS
     outcome = sync_span(start, length, flags, &err, &why);
     if (outcome == SYNC_OK && evict)
@@ -422,6 +441,8 @@ msync_flush_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (plan_batch(st, args, nargs, "flush_batch", &pin, &b, &flags) < 0)
         return NULL;
     base = (char *)pin.view.buf - b.head;
+    if (b.len > 0)
+        need_writeout_thread(flags);
     if (b.len > 0) {
         Py_BEGIN_ALLOW_THREADS
         uint64_t last_check = monotonic_ns();

@@ -68,6 +68,15 @@ int mapping_at(uintptr_t addr, mapping_info *out, char *name,
 int maps_can_identify(void);
 /* How: "PROCMAP_QUERY", "/proc/self/maps" (parsed), or "none". */
 const char *maps_method(void);
+/* stat() of a path or a descriptor: 0 or an errno. */
+struct stat;
+int stat_path(const char *path, struct stat *st);
+int stat_fd(int fd, struct stat *st);
+/* A close-on-exec duplicate of fd, or -1. */
+int dup_cloexec(int fd);
+/* A device number as maps.c states devices: major << 32 | minor. */
+#include <sys/types.h>
+uint64_t dev_key(dev_t dev);
 
 /* ------------------------------------------------------------------------
  * writeback.c: the write-back failure record. No GIL needed.
@@ -116,6 +125,13 @@ int writeout_start(uintptr_t lo, uintptr_t hi);
 /* Wait up to seconds until everything queued is handed to the kernel. */
 void writeout_drain(double seconds);
 int writeout_thread_running(void);
+/* The thread is started by module.c with CPython's thread API (under the
+ * GIL): 1 if the caller should start writeout_thread_main now; if that
+ * fails, writeout_start_failed. Requests made while no thread runs are
+ * started by the caller itself. */
+int writeout_claim_start(void);
+void writeout_start_failed(void);
+void writeout_thread_main(void *unused);
 
 #ifndef MSYNCEXT_NO_PYTHON
 

@@ -86,16 +86,6 @@ static wb_pending *wb_inflight;
 
 enum { NAME_SIZE = 4096 + 64 };
 
-static uint64_t
-dev_key(dev_t dev)
-{
-#if defined(__linux__)
-    return ((uint64_t)major(dev) << 32) | (uint64_t)minor(dev);
-#else
-    return (uint64_t)dev;
-#endif
-}
-
 /* ------------------------------------------------------------------------
  * Establishing a file
  */
@@ -128,7 +118,7 @@ path_device_at(uintptr_t addr, uint64_t *st_dev)
     if (name == NULL)
         return 0;
     if (mapping_at(addr, &m, name, NAME_SIZE) == 0
-        && (path = usable_path(name)) != NULL && stat(path, &st) == 0
+        && (path = usable_path(name)) != NULL && stat_path(path, &st) == 0
         && (uint64_t)st.st_ino == m.ino) {
         *st_dev = dev_key(st.st_dev);
         ok = 1;
@@ -149,7 +139,7 @@ identify_mapping(const mapping_info *m, const char *name, wb_failure *f)
     f->dev = m->dev;
     f->ino = m->ino;
     fd = path != NULL ? open(path, O_PATH | O_CLOEXEC) : -1;
-    if (fd >= 0 && fstat(fd, &st) == 0 && (uint64_t)st.st_ino == m->ino) {
+    if (fd >= 0 && stat_fd(fd, &st) == 0 && (uint64_t)st.st_ino == m->ino) {
         f->held_fd = fd;
         f->st_dev = dev_key(st.st_dev);
         return;
@@ -157,7 +147,7 @@ identify_mapping(const mapping_info *m, const char *name, wb_failure *f)
     if (fd >= 0)
         close(fd);
     /* No descriptor free (EMFILE), or no path: stat needs no descriptor. */
-    if (path != NULL && stat(path, &st) == 0 && (uint64_t)st.st_ino == m->ino)
+    if (path != NULL && stat_path(path, &st) == 0 && (uint64_t)st.st_ino == m->ino)
         f->st_dev = dev_key(st.st_dev);
 }
 
@@ -335,8 +325,8 @@ wb_record_file(uint64_t dev, uint64_t ino, int fd, int err)
     f.dev = dev;
     f.ino = ino;
     f.err = err;
-    f.held_fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
-    if (fstat(fd, &st) == 0 && (uint64_t)st.st_ino == ino)
+    f.held_fd = dup_cloexec(fd);
+    if (stat_fd(fd, &st) == 0 && (uint64_t)st.st_ino == ino)
         f.st_dev = dev_key(st.st_dev);
     pthread_mutex_lock(&wb_lock);
     reported = insert_locked(&f);

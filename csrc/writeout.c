@@ -76,7 +76,10 @@ static pthread_cond_t wo_wake = PTHREAD_COND_INITIALIZER;
 static pthread_cond_t wo_idle = PTHREAD_COND_INITIALIZER;
 static request wo_queue[QUEUE_FILES];
 static size_t wo_len;
-static int wo_thread_running;
+/* The thread: none, being started (by module.c, which holds the GIL that
+ * CPython's thread start needs), or running. */
+enum { THREAD_NONE = 0, THREAD_STARTING, THREAD_RUNNING };
+static int wo_thread;
 static int wo_thread_waiting;  /* asleep on wo_wake */
 static int wo_busy;            /* from taking a batch to handing it over */
 /* The thread's open descriptors, so that a forked child can close its
@@ -91,7 +94,7 @@ open_checked(const request *r)
     if (fd < 0)
         return -1;
     /* The path may name another file by now (renamed, replaced). */
-    if (fstat(fd, &st) != 0 || (uint64_t)st.st_ino != r->ino
+    if (stat_fd(fd, &st) != 0 || (uint64_t)st.st_ino != r->ino
         || !S_ISREG(st.st_mode)) {
         close(fd);
         return -1;
@@ -138,15 +141,22 @@ start_one(const request *r, started *s)
         wb_record_file(r->dev, r->ino, s->fd, errno);
 }
 
-static void *
-worker(void *unused)
+void
+writeout_thread_main(void *unused)
 {
     request batch[QUEUE_FILES];
     started *now = wo_inflight, *before = wo_inflight + QUEUE_FILES;
     size_t n, nbefore = 0, i;
 
     (void)unused;
+    {
+        /* Signals are the interpreter's main thread's business. */
+        sigset_t all;
+        sigfillset(&all);
+        sigprocmask(SIG_BLOCK, &all, NULL);
+    }
     pthread_mutex_lock(&wo_lock);
+    wo_thread = THREAD_RUNNING;
     for (;;) {
         while (wo_len == 0) {
             pthread_cond_broadcast(&wo_idle);
@@ -190,33 +200,29 @@ worker(void *unused)
             nbefore = 0;
         }
     }
-    return NULL;
 }
 
-/* Start the thread if it is not running; 0 or an errno. wo_lock held. */
-static int
-ensure_thread_locked(void)
+int
+writeout_claim_start(void)
 {
-    pthread_t thread;
-    pthread_attr_t attr;
-    sigset_t all, old;
-    int rc;
-
-    if (wo_thread_running)
+    int claimed = 0;
+    if (__atomic_load_n(&wo_thread, __ATOMIC_ACQUIRE) != THREAD_NONE)
         return 0;
-    if ((rc = pthread_attr_init(&attr)) != 0)
-        return rc;
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    pthread_attr_setstacksize(&attr, 256 * 1024);
-    /* Signals are the interpreter's main thread's business. */
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    rc = pthread_create(&thread, &attr, worker, NULL);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    pthread_attr_destroy(&attr);
-    if (rc == 0)
-        wo_thread_running = 1;
-    return rc;
+    pthread_mutex_lock(&wo_lock);
+    if (wo_thread == THREAD_NONE) {
+        __atomic_store_n(&wo_thread, THREAD_STARTING, __ATOMIC_RELEASE);
+        claimed = 1;
+    }
+    pthread_mutex_unlock(&wo_lock);
+    return claimed;
+}
+
+void
+writeout_start_failed(void)
+{
+    pthread_mutex_lock(&wo_lock);
+    __atomic_store_n(&wo_thread, THREAD_NONE, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&wo_lock);
 }
 
 /* Start one file range's write-out in the calling thread. */
@@ -249,7 +255,7 @@ enqueue(uint64_t dev, uint64_t ino, uint64_t lo, uint64_t hi, const char *path)
             return;
         }
     }
-    if (wo_len < QUEUE_FILES && ensure_thread_locked() == 0
+    if (wo_len < QUEUE_FILES && wo_thread != THREAD_NONE
         && (r.path = strdup(path)) != NULL) {
         wo_queue[wo_len++] = r;
         if (wo_thread_waiting)
@@ -300,7 +306,7 @@ writeout_drain(double seconds)
         until.tv_nsec -= 1000000000L;
     }
     pthread_mutex_lock(&wo_lock);
-    while (wo_thread_running && (wo_len > 0 || wo_busy)) {
+    while (wo_thread != THREAD_NONE && (wo_len > 0 || wo_busy)) {
         if (pthread_cond_timedwait(&wo_idle, &wo_lock, &until) == ETIMEDOUT)
             break;
     }
@@ -312,7 +318,7 @@ writeout_thread_running(void)
 {
     int running;
     pthread_mutex_lock(&wo_lock);
-    running = wo_thread_running;
+    running = wo_thread == THREAD_RUNNING;
     pthread_mutex_unlock(&wo_lock);
     return running;
 }
@@ -347,7 +353,7 @@ wo_after_fork_child(void)
             close(wo_inflight[i].fd);
         wo_inflight[i].fd = -1;
     }
-    wo_thread_running = 0;
+    wo_thread = THREAD_NONE;
     wo_thread_waiting = 0;
     wo_busy = 0;
 }
@@ -393,6 +399,23 @@ int
 writeout_thread_running(void)
 {
     return 0;
+}
+
+int
+writeout_claim_start(void)
+{
+    return 0;
+}
+
+void
+writeout_start_failed(void)
+{
+}
+
+void
+writeout_thread_main(void *unused)
+{
+    (void)unused;
 }
 
 int

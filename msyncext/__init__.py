@@ -94,6 +94,9 @@ class _MSSyncByName(int):
 
 
 _MS_SYNC_BY_NAME = _MSSyncByName(MS_SYNC)
+# flush's text signature names its default, flags=MS_SYNC, and inspect (so
+# help()) evaluates that name in the compiled module: there it shows so.
+setattr(_msync, "MS_SYNC", _MS_SYNC_BY_NAME)  # noqa: B010 (a Final in the stub)
 
 
 def flush_ranges(
