@@ -884,3 +884,90 @@ def test_point10_a_ctypes_view_of_a_memmap_pins_the_map(
     if os.uname().machine not in test_races._MSYNC_SYSCALL:
         pytest.skip(f"msync's syscall number not known on {os.uname().machine}")
     _run("_ctypes_view_pinned", str(tmp_path), how)
+
+
+# --------------------------------------------------------------------------
+# The parse of /proc/self/maps: what kernels before 6.11 get
+
+
+def _tracking_is_the_parse() -> None:
+    import msyncext
+
+    assert msyncext._msync.writeback_tracking() == "/proc/self/maps"
+
+
+@needs_loop
+@needs_mounts
+@pytest.mark.parametrize(
+    "scenario",
+    ["_resize_moves_the_map", "every view", "address reuse", "_inode_reuse"],
+)
+def test_the_parse_of_proc_self_maps_keeps_the_same_promises(
+    failing_ext4: blockdev.LoopFS,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    scenario: str,
+) -> None:
+    """Kernels without PROCMAP_QUERY (before 6.11) answer ENOTTY and the
+    mapping is found by parsing /proc/self/maps; MSYNCEXT_NO_PROCMAP_QUERY=1
+    takes that path here, and the scenarios hold the same."""
+    monkeypatch.setenv("MSYNCEXT_NO_PROCMAP_QUERY", "1")
+    _run("_tracking_is_the_parse")
+    big = f"{failing_ext4.mountpoint}/big"
+    if scenario == "every view":
+        blockdev.run_isolated(
+            "test_faults", "_every_view_of_the_file", big, str(tmp_path)
+        )
+    elif scenario == "address reuse":
+        blockdev.run_isolated("test_faults", "_address_reuse", big, str(tmp_path))
+    elif scenario == "_inode_reuse":
+        _run(scenario, failing_ext4.mountpoint)
+    else:
+        _run(scenario, big)
+
+
+# --------------------------------------------------------------------------
+# When unsure, refuse
+
+
+def _no_proc(path: str, healthy_dir: str) -> None:
+    # A mount namespace of this process's own, without /proc, before msyncext
+    # is imported: it can never tell which file a buffer is mapped from.
+    libc = _libc()
+    clone_newns, ms_rec, ms_private, mnt_detach = 0x20000, 0x4000, 0x40000, 2
+    assert libc.unshare(clone_newns) == 0, os.strerror(ctypes.get_errno())
+    assert libc.mount(b"none", b"/", None, ms_rec | ms_private, None) == 0
+    assert libc.umount2(b"/proc", mnt_detach) == 0, os.strerror(ctypes.get_errno())
+    assert not os.path.exists("/proc/self/maps")
+    import msyncext
+
+    assert msyncext._msync.writeback_tracking() == "/proc/self/maps"
+    hfd, healthy = faults._healthy_map(healthy_dir)
+    msyncext.flush(healthy)  # nothing recorded: the lookup is not needed
+    fd, m, _ = faults._dirty_file(path)
+    first = faults._first_failure(m)
+    # A failure is recorded and no file can be established: every flush is
+    # refused, saying why, rather than passed.
+    for call in (lambda: msyncext.flush(healthy), lambda: msyncext.flush(m, 0, 1)):
+        with pytest.raises(msyncext.WritebackError) as info:
+            call()
+        assert info.value.errno == first
+        assert "cannot tell which file" in str(info.value), str(info.value)
+    # Cleared through the buffer that failed, flushes work again.
+    assert msyncext.clear_writeback_error(m) == first
+    msyncext.flush(healthy)
+    m.close()
+    healthy.close()
+    os.close(fd)
+    os.close(hfd)
+
+
+@needs_loop
+@needs_mounts
+def test_when_the_file_cannot_be_established_every_flush_is_refused(
+    failing_ext4: blockdev.LoopFS, tmp_path: Path
+) -> None:
+    """Issue 14: 'When unsure, refuse.' Without /proc (in a mount namespace
+    of the child's own) a recorded failure cannot be placed: no flush of any
+    buffer reports success until it is cleared."""
+    _run("_no_proc", f"{failing_ext4.mountpoint}/big", str(tmp_path))
