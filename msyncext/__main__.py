@@ -27,8 +27,10 @@ if TYPE_CHECKING:
 REPEAT = 7  # flushes timed per measurement; the median is shown
 
 TRACKING = {
-    "PROCMAP_QUERY": "per file; mappings found with PROCMAP_QUERY (Linux 6.11+)",
-    "/proc/self/maps": "per file; mappings found by reading /proc/self/maps",
+    "PROCMAP_QUERY": "per file (device, inode), each mapping looked up with "
+    "this ioctl (Linux 6.11+)",
+    "/proc/self/maps": "per file (device, inode), each mapping looked up by "
+    "parsing it (no PROCMAP_QUERY here)",
     "none": "no way to tell a mapping's file here: while a failure is "
     "recorded, every flush is refused",
 }
@@ -84,7 +86,7 @@ def report_environment() -> None:
         "VALID_FLAGS",
         ", ".join(f"{names[v]} ({v})" for v in sorted(msyncext.VALID_FLAGS)),
     )
-    _row("write-back failures", f"{how}: {TRACKING[how]}" if how in TRACKING else how)
+    _row("write-back failures", f"{how}: {TRACKING.get(how, 'unknown')}")
 
 
 def _unescape(field: str) -> str:
