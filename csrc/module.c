@@ -214,13 +214,17 @@ to_evict(PyObject *obj, int flags, int *out)
 #endif
 }
 
-/* Drop the span's pages from the page cache now that they are clean: the
- * kernel reclaims those this process alone maps. 0, or an errno. */
+/* Drop the span's pages from the page cache now that they are clean:
+ * MADV_PAGEOUT reclaims the pages this process alone maps, and the file's
+ * own page cache is told to let go of what that left cached (writeout.c).
+ * 0, or an errno. */
 static int
 evict_span(char *start, size_t length)
 {
 #if defined(MADV_PAGEOUT)
-    return madvise(start, length, MADV_PAGEOUT) == 0 ? 0 : errno;
+    if (madvise(start, length, MADV_PAGEOUT) != 0)
+        return errno;
+    return writeout_drop_cached((uintptr_t)start, (uintptr_t)start + length);
 #else
     (void)start;
     (void)length;
@@ -356,7 +360,7 @@ msync_flush(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
         if (where != NULL) {
             PyErr_Format(PyExc_OSError,
                          "%U were written back, but could not be evicted "
-                         "from the page cache: madvise(MADV_PAGEOUT): %s",
+                         "from the page cache: %s",
                          where, strerror(evicted));
             Py_DECREF(where);
         }
