@@ -348,10 +348,10 @@ wb_settle(void)
  */
 
 /* What the list says of one mapping: WB_FAILED with *err, WB_CLEAN, or
- * WB_UNKNOWN when only the mapping's path can tell (*st_dev_want is the
- * device the failed file's stat() showed). */
+ * WB_UNKNOWN when only the device stat() shows can tell (*err is then one
+ * candidate's, for when even that cannot be had). */
 static int
-match_locked(const mapping_info *m, int *err, uint64_t *st_dev_want)
+match_locked(const mapping_info *m, int *err)
 {
     size_t i;
     int outcome = WB_CLEAN;
@@ -370,9 +370,23 @@ match_locked(const mapping_info *m, int *err, uint64_t *st_dev_want)
         /* Subvolumes of one btrfs share the device and number inodes
          * alike: the device stat() shows tells them apart. */
         outcome = WB_UNKNOWN;
-        *st_dev_want = f->st_dev;
     }
     return outcome;
+}
+
+/* The entry for the file of device, inode and stat() device, if any: its
+ * errno, or 0. */
+static int
+match_device_locked(const mapping_info *m, uint64_t st_dev)
+{
+    size_t i;
+    for (i = 0; i < wb_len; i++) {
+        const wb_failure *f = &wb_list[i];
+        if (f->identified && f->dev == m->dev && f->ino == m->ino
+            && f->st_dev == st_dev)
+            return f->err;
+    }
+    return 0;
 }
 
 int
@@ -414,16 +428,24 @@ wb_check(uintptr_t lo, uintptr_t hi, int *err, int *why)
             return *err != 0 ? WB_UNKNOWN : WB_CLEAN;
         }
         if (m.ino != 0 && m.shared) {
-            uint64_t want = 0, st_dev = 0;
-            int outcome;
+            uint64_t st_dev = 0;
+            int outcome, found;
             pthread_mutex_lock(&wb_lock);
-            outcome = match_locked(&m, err, &want);
+            outcome = match_locked(&m, err);
             pthread_mutex_unlock(&wb_lock);
             if (outcome == WB_FAILED)
                 return WB_FAILED;
-            if (outcome == WB_UNKNOWN
-                && (!path_device_at(at, &st_dev) || st_dev == want))
-                return WB_FAILED;  /* that file, or cannot tell */
+            if (outcome == WB_UNKNOWN) {
+                if (!path_device_at(at, &st_dev))
+                    return WB_FAILED;  /* it may be that file: refuse */
+                pthread_mutex_lock(&wb_lock);
+                found = match_device_locked(&m, st_dev);
+                pthread_mutex_unlock(&wb_lock);
+                if (found != 0) {
+                    *err = found;
+                    return WB_FAILED;
+                }
+            }
         }
         if (m.end <= at)
             break;

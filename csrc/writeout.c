@@ -217,12 +217,25 @@ writeout_claim_start(void)
     return claimed;
 }
 
+static void start_here(const request *r);
+
 void
 writeout_start_failed(void)
 {
+    request taken[QUEUE_FILES];
+    size_t n, i;
+
+    /* What callers queued meanwhile is started here, not left behind. */
     pthread_mutex_lock(&wo_lock);
     __atomic_store_n(&wo_thread, THREAD_NONE, __ATOMIC_RELEASE);
+    n = wo_len;
+    memcpy(taken, wo_queue, n * sizeof(request));
+    wo_len = 0;
     pthread_mutex_unlock(&wo_lock);
+    for (i = 0; i < n; i++) {
+        start_here(&taken[i]);
+        free(taken[i].path);
+    }
 }
 
 /* Start one file range's write-out in the calling thread. */
