@@ -248,11 +248,19 @@ def test_ms_async_starts_the_write_out_now(
     asked for. Linux's own MS_ASYNC does nothing (the control below)."""
     assert callable(call)
     call(scene.map)
+    # Wait until the kernel holds none of those pages dirty or in flight;
+    # only then is the device read (a block read while the loop device
+    # writes it can be half old, half new).
     deadline = time.monotonic() + 10
-    while scene.arrived() != pages:
-        assert time.monotonic() < deadline, f"only {scene.arrived()} arrived"
+    while any(_unwritten(scene.fd, page) for page in pages):
+        assert time.monotonic() < deadline, "the write-out did not finish"
         time.sleep(0.01)
     scene.expect(set(pages))
+
+
+def _unwritten(fd: int, page: int) -> bool:
+    counts = blockdev.cachestat(fd, page * PAGESIZE, PAGESIZE)
+    return counts.dirty + counts.writeback > 0
 
 
 def test_libc_ms_async_writes_nothing_on_linux(scene: Scene) -> None:
