@@ -76,8 +76,11 @@ def test_with_a_path_times_flushes_and_writes_nothing(tmp_path: Path) -> None:
     got = _fields(done.stdout)
     assert got["file"] == f"{data} ({3 * msyncext.PAGESIZE + 5} bytes, 4 pages)"
     if os.path.exists("/proc/self/mountinfo"):
-        assert ", mounted at /" in got["file system"]
-        assert not got["file system"].startswith("unknown")
+        # In a chroot (the CI matrix's) the mount that holds the file may lie
+        # outside the root, and mountinfo does not show it: said so, then.
+        assert ", mounted at /" in got["file system"] or got["file system"] == (
+            "unknown (no mount in /proc/self/mountinfo holds it)"
+        ), got["file system"]
     for row in ("first flush", "one page", "whole map"):
         assert re.match(r"\d+\.\d µs", got[row]), (row, done.stdout)
     assert "not writable" not in done.stdout

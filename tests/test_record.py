@@ -936,7 +936,11 @@ def _no_proc(path: str, healthy_dir: str) -> None:
     libc = _libc()
     clone_newns, ms_rec, ms_private, mnt_detach = 0x20000, 0x4000, 0x40000, 2
     assert libc.unshare(clone_newns) == 0, os.strerror(ctypes.get_errno())
-    assert libc.mount(b"none", b"/", None, ms_rec | ms_private, None) == 0
+    # Private first, so that the unmount stays in this namespace. /proc, not
+    # "/": in a chroot "/" is no mount point.
+    if libc.mount(b"none", b"/proc", None, ms_rec | ms_private, None) != 0:
+        print(f"skip: /proc cannot be made private: {os.strerror(ctypes.get_errno())}")
+        return
     assert libc.umount2(b"/proc", mnt_detach) == 0, os.strerror(ctypes.get_errno())
     assert not os.path.exists("/proc/self/maps")
     import msyncext
@@ -970,4 +974,6 @@ def test_when_the_file_cannot_be_established_every_flush_is_refused(
     """Issue 14: 'When unsure, refuse.' Without /proc (in a mount namespace
     of the child's own) a recorded failure cannot be placed: no flush of any
     buffer reports success until it is cleared."""
-    _run("_no_proc", f"{failing_ext4.mountpoint}/big", str(tmp_path))
+    out = _run("_no_proc", f"{failing_ext4.mountpoint}/big", str(tmp_path))
+    if out.startswith("skip: "):
+        pytest.skip(out[len("skip: ") :].strip())
