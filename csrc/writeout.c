@@ -283,38 +283,30 @@ enqueue(uint64_t dev, uint64_t ino, uint64_t lo, uint64_t hi, const char *path)
     start_here(&r);
 }
 
-int
-writeout_drop_cached(uintptr_t lo, uintptr_t hi)
+/* Call visit for each shared file mapping in [lo, hi), with the file's
+ * range as a request (its path in a buffer of this call's); stop at the
+ * first non-zero answer and return it, or a lookup's errno. */
+static int
+each_file_range(uintptr_t lo, uintptr_t hi, int (*visit)(request *r))
 {
     char path[PATH_SIZE];
     uintptr_t at = lo;
 
-    /* MADV_PAGEOUT unmaps every page of the span but keeps some in the page
-     * cache (about 4 in 10 here when a writer evicts chunk by chunk): those
-     * are dropped through a descriptor of the file, which leaves mapped
-     * pages alone. */
     while (at < hi) {
         mapping_info m;
         int rc = mapping_at(at, &m, path, sizeof(path));
         if (rc != 0)
             return rc == ENOENT ? 0 : rc;
         if (m.ino != 0 && m.shared && path[0] == '/') {
-            uintptr_t from = at, to = hi < m.end ? hi : m.end;
+            uintptr_t to = hi < m.end ? hi : m.end;
             request r;
-            int fd;
             r.dev = m.dev;
             r.ino = m.ino;
-            r.lo = m.offset + (uint64_t)(from - m.start);
-            r.hi = r.lo + (uint64_t)(to - from);
+            r.lo = m.offset + (uint64_t)(at - m.start);
+            r.hi = r.lo + (uint64_t)(to - at);
             r.path = path;
-            fd = open_checked(&r);
-            if (fd >= 0) {
-                rc = posix_fadvise(fd, (off_t)r.lo, (off_t)(r.hi - r.lo),
-                                   POSIX_FADV_DONTNEED);
-                close(fd);
-                if (rc != 0)
-                    return rc;
-            }
+            if ((rc = visit(&r)) != 0)
+                return rc;
         }
         if (m.end <= at)
             break;
@@ -323,27 +315,39 @@ writeout_drop_cached(uintptr_t lo, uintptr_t hi)
     return 0;
 }
 
+static int
+queue_range(request *r)
+{
+    enqueue(r->dev, r->ino, r->lo, r->hi, r->path);
+    return 0;
+}
+
 int
 writeout_start(uintptr_t lo, uintptr_t hi)
 {
-    char path[PATH_SIZE];
-    uintptr_t at = lo;
+    return each_file_range(lo, hi, queue_range);
+}
 
-    while (at < hi) {
-        mapping_info m;
-        int rc = mapping_at(at, &m, path, sizeof(path));
-        if (rc != 0)
-            return rc == ENOENT ? 0 : rc;
-        if (m.ino != 0 && m.shared && path[0] == '/') {
-            uintptr_t from = at, to = hi < m.end ? hi : m.end;
-            uint64_t off = m.offset + (uint64_t)(from - m.start);
-            enqueue(m.dev, m.ino, off, off + (uint64_t)(to - from), path);
-        }
-        if (m.end <= at)
-            break;
-        at = m.end;
+/* MADV_PAGEOUT unmaps every page of a span but keeps some in the page cache
+ * (about 4 in 10 here when a writer evicts chunk by chunk): those are
+ * dropped through a descriptor of the file, which leaves mapped pages
+ * alone. */
+static int
+drop_range(request *r)
+{
+    int rc = 0, fd = open_checked(r);
+    if (fd >= 0) {
+        rc = posix_fadvise(fd, (off_t)r->lo, (off_t)(r->hi - r->lo),
+                           POSIX_FADV_DONTNEED);
+        close(fd);
     }
-    return 0;
+    return rc;
+}
+
+int
+writeout_drop_cached(uintptr_t lo, uintptr_t hi)
+{
+    return each_file_range(lo, hi, drop_range);
 }
 
 void
