@@ -217,14 +217,26 @@ to_evict(PyObject *obj, int flags, int *out)
 /* Drop the span's pages from the page cache now that they are clean:
  * MADV_PAGEOUT reclaims the pages this process alone maps, and the file's
  * own page cache is told to let go of what that left cached (writeout.c).
- * 0, or an errno. */
+ * Both are best effort: a folio that another CPU holds in its LRU batch at
+ * that moment can be neither paged out nor dropped. So what is left is
+ * counted (cachestat), and if anything is, both are tried once more: by
+ * then POSIX_FADV_DONTNEED has drained every CPU's batch. 0, or an errno. */
 static int
 evict_span(char *start, size_t length)
 {
 #if defined(MADV_PAGEOUT)
-    if (madvise(start, length, MADV_PAGEOUT) != 0)
-        return errno;
-    return writeout_drop_cached((uintptr_t)start, (uintptr_t)start + length);
+    int attempt, rc = 0;
+    long long left = 0;
+
+    for (attempt = 0; attempt < 2; attempt++) {
+        if (madvise(start, length, MADV_PAGEOUT) != 0)
+            return errno;
+        rc = writeout_drop_cached((uintptr_t)start,
+                                  (uintptr_t)start + length, &left);
+        if (rc != 0 || left == 0)
+            break;
+    }
+    return rc;
 #else
     (void)start;
     (void)length;

@@ -126,8 +126,9 @@ int writeout_start(uintptr_t lo, uintptr_t hi);
 void writeout_drain(double seconds);
 int writeout_thread_running(void);
 /* After MADV_PAGEOUT of [lo, hi): drop what the file's page cache kept of
- * it. 0 or an errno. */
-int writeout_drop_cached(uintptr_t lo, uintptr_t hi);
+ * it; *left is how many of its pages are still cached (-1: unknown). 0 or
+ * an errno. */
+int writeout_drop_cached(uintptr_t lo, uintptr_t hi, long long *left);
 /* The thread is started by module.c with CPython's thread API (under the
  * GIL): 1 if the caller should start writeout_thread_main now; if that
  * fails, writeout_start_failed. Requests made while no thread runs are

@@ -41,6 +41,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -284,10 +285,11 @@ enqueue(uint64_t dev, uint64_t ino, uint64_t lo, uint64_t hi, const char *path)
 }
 
 /* Call visit for each shared file mapping in [lo, hi), with the file's
- * range as a request (its path in a buffer of this call's); stop at the
- * first non-zero answer and return it, or a lookup's errno. */
+ * range as a request (its path in a buffer of this call's) and ctx; stop at
+ * the first non-zero answer and return it, or a lookup's errno. */
 static int
-each_file_range(uintptr_t lo, uintptr_t hi, int (*visit)(request *r))
+each_file_range(uintptr_t lo, uintptr_t hi,
+                int (*visit)(request *r, void *ctx), void *ctx)
 {
     char path[PATH_SIZE];
     uintptr_t at = lo;
@@ -305,7 +307,7 @@ each_file_range(uintptr_t lo, uintptr_t hi, int (*visit)(request *r))
             r.lo = m.offset + (uint64_t)(at - m.start);
             r.hi = r.lo + (uint64_t)(to - at);
             r.path = path;
-            if ((rc = visit(&r)) != 0)
+            if ((rc = visit(&r, ctx)) != 0)
                 return rc;
         }
         if (m.end <= at)
@@ -316,8 +318,9 @@ each_file_range(uintptr_t lo, uintptr_t hi, int (*visit)(request *r))
 }
 
 static int
-queue_range(request *r)
+queue_range(request *r, void *unused)
 {
+    (void)unused;
     enqueue(r->dev, r->ino, r->lo, r->hi, r->path);
     return 0;
 }
@@ -325,29 +328,66 @@ queue_range(request *r)
 int
 writeout_start(uintptr_t lo, uintptr_t hi)
 {
-    return each_file_range(lo, hi, queue_range);
+    return each_file_range(lo, hi, queue_range, NULL);
+}
+
+/* cachestat(2), Linux 6.5+: the same number on x86_64 and aarch64 (the
+ * generic table); older headers do not name it. */
+#if !defined(SYS_cachestat) && (defined(__x86_64__) || defined(__aarch64__))
+#define SYS_cachestat 451
+#endif
+
+/* Pages of a file range still in the page cache: a count, or -1 if the
+ * kernel cannot say (before 6.5). */
+static long long
+pages_cached(int fd, uint64_t lo, uint64_t hi)
+{
+#if defined(SYS_cachestat)
+    struct {
+        uint64_t off, len;
+    } range = {lo, hi - lo};
+    struct {
+        uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted,
+            nr_recently_evicted;
+    } counts;
+    if (syscall(SYS_cachestat, fd, &range, &counts, 0) != 0)
+        return -1;
+    return (long long)counts.nr_cache;
+#else
+    (void)fd;
+    (void)lo;
+    (void)hi;
+    return -1;
+#endif
 }
 
 /* MADV_PAGEOUT unmaps every page of a span but keeps some in the page cache
  * (about 4 in 10 here when a writer evicts chunk by chunk): those are
  * dropped through a descriptor of the file, which leaves mapped pages
- * alone. */
+ * alone. What is still cached afterwards is added to *left (-1 once any
+ * file cannot say). */
 static int
-drop_range(request *r)
+drop_range(request *r, void *ctx)
 {
+    long long *left = ctx;
     int rc = 0, fd = open_checked(r);
     if (fd >= 0) {
         rc = posix_fadvise(fd, (off_t)r->lo, (off_t)(r->hi - r->lo),
                            POSIX_FADV_DONTNEED);
+        if (rc == 0 && *left >= 0) {
+            long long cached = pages_cached(fd, r->lo, r->hi);
+            *left = cached < 0 ? -1 : *left + cached;
+        }
         close(fd);
     }
     return rc;
 }
 
 int
-writeout_drop_cached(uintptr_t lo, uintptr_t hi)
+writeout_drop_cached(uintptr_t lo, uintptr_t hi, long long *left)
 {
-    return each_file_range(lo, hi, drop_range);
+    *left = 0;
+    return each_file_range(lo, hi, drop_range, left);
 }
 
 void
@@ -439,10 +479,11 @@ writeout_init(void)
 #else /* no sync_file_range: msync(MS_ASYNC) itself schedules the write */
 
 int
-writeout_drop_cached(uintptr_t lo, uintptr_t hi)
+writeout_drop_cached(uintptr_t lo, uintptr_t hi, long long *left)
 {
     (void)lo;
     (void)hi;
+    *left = 0;
     return 0;
 }
 
