@@ -62,6 +62,7 @@ setup(
             sources=[
                 "csrc/args.c",
                 "csrc/batch.c",
+                "csrc/lines.c",
                 "csrc/maps.c",
                 "csrc/module.c",
                 "csrc/pin.c",

@@ -9,6 +9,8 @@
  *     mmap);
  *   - batch.c: ranges: (offset, size) pairs checked, turned into covering
  *     page runs, sorted and merged (flush_ranges);
+ *   - lines.c: lines of the kernel's text files read into a fixed buffer,
+ *     and the fields of /proc/self/maps and mountinfo lines (no syscalls);
  *   - maps.c: which file is mapped at an address (the PROCMAP_QUERY ioctl,
  *     or a parse of /proc/self/maps);
  *   - writeback.c: the write-back failure record: once msync reports that
@@ -20,9 +22,9 @@
  *
  * Uses point one way: module.c uses all the others, batch.c uses pin.c and
  * args.c, pin.c uses args.c; writeout.c uses writeback.c and maps.c,
- * writeback.c uses maps.c, and maps.c uses none.
+ * writeback.c uses maps.c, maps.c uses lines.c, and lines.c uses none.
  *
- * maps.c, writeback.c and writeout.c run without the GIL and use no Python
+ * lines.c, maps.c, writeback.c and writeout.c run without the GIL and use no Python
  * API: they define MSYNCEXT_NO_PYTHON before including this file and see
  * only their own sections, which need libc alone.
  */
@@ -43,6 +45,63 @@
 #if defined(__GNUC__)
 #pragma GCC visibility push(hidden)
 #endif
+
+/* ------------------------------------------------------------------------
+ * lines.c: lines of the kernel's text files, read into a fixed buffer and
+ * parsed field by field. No system calls, no GIL needed.
+ */
+
+#include <stddef.h>
+#include <sys/types.h>
+
+/* Bytes read into dst (at most n), 0 at the end, -1 with errno set. */
+typedef ssize_t (*line_source)(void *ctx, char *dst, size_t n);
+
+typedef struct {
+    char *buf;           /* the caller's, cap bytes */
+    size_t cap;
+    size_t start, end;   /* unread bytes */
+    int eof, skipping;   /* skipping: the rest of a line handed out cut */
+    int err;             /* the source's errno after line_next gave -1 */
+    line_source read;
+    void *ctx;
+} line_reader;
+
+void line_reader_init(line_reader *r, char *buf, size_t cap, line_source read,
+                      void *ctx);
+/* 1: the next line, without its newline, NUL-terminated in the buffer
+ * (*len bytes, which may hold NULs; valid until the next call), *cut set
+ * if the line was longer than cap - 1 bytes and only its start is given;
+ * 0: no more lines; -1: the source failed (r->err). Never writes outside
+ * the buffer, whatever the source gives. */
+int line_next(line_reader *r, char **line, size_t *len, int *cut);
+
+typedef struct {
+    uintptr_t start, end;
+    uint64_t offset, dev, ino;  /* dev: major << 32 | minor */
+    int shared;
+    const char *name;           /* within the line; name_len bytes */
+    size_t name_len;
+} maps_line;
+
+/* A /proc/self/maps line: 1 parsed, 0 malformed. */
+int parse_maps_line(const char *line, size_t len, maps_line *out);
+
+typedef struct {
+    int mount_id;
+    uint64_t dev;               /* the superblock's: major << 32 | minor */
+    const char *fstype;         /* within the line; fstype_len bytes */
+    size_t fstype_len;
+} mountinfo_line;
+
+/* A /proc/self/mountinfo line: 1 parsed, 0 malformed. */
+int parse_mountinfo_line(const char *line, size_t len, mountinfo_line *out);
+
+/* A name as the kernel printed it (octal escapes such as "\012") into a C
+ * string in dst: its length, or (size_t)-1 if it does not fit or holds a
+ * NUL. */
+size_t unescape_name(const char *name, size_t len, char *dst,
+                     size_t dst_size);
 
 /* ------------------------------------------------------------------------
  * maps.c: which file is mapped at an address. No GIL needed.
