@@ -24,9 +24,9 @@
  * args.c, pin.c uses args.c; writeout.c uses writeback.c and maps.c,
  * writeback.c uses maps.c, maps.c uses lines.c, and lines.c uses none.
  *
- * lines.c, maps.c, writeback.c and writeout.c run without the GIL and use no Python
- * API: they define MSYNCEXT_NO_PYTHON before including this file and see
- * only their own sections, which need libc alone.
+ * lines.c, maps.c, writeback.c and writeout.c run without the GIL and use
+ * no Python API: they define MSYNCEXT_NO_PYTHON before including this file
+ * and see only their own sections, which need libc alone.
  */
 #ifndef MSYNCEXT_H
 #define MSYNCEXT_H
