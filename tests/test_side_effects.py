@@ -61,7 +61,11 @@ CALL_BOUND = 2.0  # s: an MS_ASYNC call that has not returned by then is stuck
 EVICT_BOUND = 10.0  # s: an MS_SYNC of 64 pages under load, with room to spare
 EXIT_BOUND = 3.0  # s: the old exit waited its full 5 s for a stuck thread
 IDLE_BOUND = 5.0  # s: the thread is gone this long after the last MS_ASYNC
-LATENCY_BOUND = 0.050  # s: the worst MS_ASYNC call among 200 files
+# s: the worst MS_ASYNC call among 200 files: the README's bound on the wait
+# for the hand-over (50 ms), plus what a loaded two-core machine adds to a
+# wakeup. The CPU bound below is the one that tells a caller that waits
+# from one that writes out itself.
+LATENCY_BOUND = 0.250
 # s: the calling thread's CPU time in any one of those calls, which only
 # hand a range over (~10 us); writing 4 MiB out itself took 2-8 ms here.
 LATENCY_CPU_BOUND = 0.001
