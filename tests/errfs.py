@@ -450,15 +450,22 @@ class ErrFS:
         os.replace(new, self.control)  # the daemon never reads half a file
 
     def fail_writes(
-        self, errno_name: str, *, fsync: bool = True, once: bool = False
+        self,
+        errno_name: str,
+        *,
+        fsync: bool = True,
+        once: bool = False,
+        delay: float = 0.0,
     ) -> None:
         """Answer ``errno_name`` to every WRITE (write-back and write(2)) and,
         unless ``fsync=False``, to every FSYNC (msync(MS_SYNC) sends one even
         for clean pages). With ``fsync=False`` a retried msync shows what the
         kernel reports once the failed pages are clean: 0. With ``once=True``
-        only the next such request fails; then the daemon heals itself."""
+        only the next such request fails; then the daemon heals itself. With
+        ``delay``, those requests are answered that many seconds late."""
         ops = " write fsync" if fsync else " write"
-        self._set_control(f"{errno_name}{ops}{' once' if once else ''}\n")
+        text = f"{errno_name}{ops}{' once' if once else ''}\n"
+        self._set_control(text + (f"delay {delay}{ops}\n" if delay else ""))
 
     def fail_fsync(self, errno_name: str) -> None:
         """Answer ``errno_name`` to every FSYNC only: the data is written, the

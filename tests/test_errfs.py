@@ -409,6 +409,10 @@ def test_arming_writes_the_control_file(tmp_path: Path) -> None:
     assert parse_control(fs.control.read_text()) == {"fsync": errno.EIO}
     fs.fail_writes("EIO", fsync=False, once=True)
     assert parse(fs.control.read_text()) == Control({"write": errno.EIO}, True, {})
+    fs.fail_writes("ENOSPC", fsync=False, delay=0.5)
+    assert parse(fs.control.read_text()) == Control(
+        {"write": errno.ENOSPC}, False, {"write": 0.5}
+    )
     fs.slow(0.5, write=False)
     assert parse(fs.control.read_text()) == Control({}, False, {"fsync": 0.5})
     with pytest.raises(ValueError, match="write or fsync"):
