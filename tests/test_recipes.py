@@ -189,3 +189,181 @@ def test_asyncio_recipe_survives_cancelling_a_flush_in_flight(
     fs: ErrFS, child: str
 ) -> None:
     _run_on(fs, child)
+
+
+# --------------------------------------------------------------------------
+# The group-commit log: a full file system, and write-back failures
+
+RECORD = 3000  # bytes: a group of four spans pages past the header's
+
+
+def _records(group: int, count: int = 4) -> list[bytes]:
+    return [bytes([65 + group]) * RECORD + b"%d" % i for i in range(count)]
+
+
+def _commit(log: object, records: list[bytes]) -> int:
+    for record in records:
+        log.append(record)  # type: ignore[attr-defined]
+    return log.commit()  # type: ignore[attr-defined, no-any-return]
+
+
+def _fill(directory: str) -> None:
+    """Take every free block of the file system ``directory`` is on."""
+    with open(os.path.join(directory, "filler"), "wb", buffering=0) as f:
+        chunk = bytes(1 << 16)
+        with pytest.raises(OSError, match="No space left on device"):  # noqa: PT012
+            while True:
+                f.write(chunk)
+
+
+def child_log_full_fs(directory: str) -> None:
+    """On a small tmpfs: a log larger than the free space is refused with
+    ENOSPC and leaves nothing; a log made while there was space takes
+    appends after the file system filled up."""
+    log_recipe = recipe("log_group_commit")
+    too_big = Path(directory) / "too-big.log"
+    with pytest.raises(OSError, match="No space left on device") as info:
+        log_recipe.Log.create(too_big, 8 << 20)
+    assert info.value.errno == errno.ENOSPC, info.value
+    assert not too_big.exists()
+
+    path = Path(directory) / "events.log"
+    log = log_recipe.Log.create(path, 1 << 20)
+    _fill(directory)
+    acknowledged = []
+    # Up to the end of the reserved megabyte: every store lands in a hole
+    # of a sparse file, so without the reservation this dies of SIGBUS.
+    for group in range((1 << 20) // (4 * (RECORD + 8)) - 1):
+        records = _records(group % 26)
+        assert _commit(log, records) == 4
+        acknowledged += records
+    log.close()
+    assert log_recipe.read_committed(path) == acknowledged
+
+
+@needs_recipes
+@needs_loop
+def test_log_recipe_reserves_its_blocks_on_a_full_file_system() -> None:
+    with blockdev.tmpfs("4m") as small:
+        blockdev.run_isolated("test_recipes", "child_log_full_fs", small)
+
+
+def child_log_transient_failure(directory: str) -> None:
+    """One WRITE fails: commit() rewrites the group, clears the failure and
+    flushes again; the storage holds every acknowledged record. A plain
+    retry (no rewrite) is shown to lose the group."""
+    import msyncext
+
+    log_recipe = recipe("log_group_commit")
+    fs = ErrFS(Path(directory))
+
+    class RetryOnly(log_recipe.Log):  # type: ignore[name-defined, misc]
+        """What the recipe warns against: clear and flush again."""
+
+        def commit(self) -> int:
+            try:
+                self._sync()
+            except msyncext.WritebackError:
+                msyncext.clear_writeback_error(self.map)
+                self._sync()
+            count = len(self.pending)
+            self.pending.clear()
+            return count
+
+    outcome = {}
+    for name, kind in (("recipe.log", log_recipe.Log), ("retry.log", RetryOnly)):
+        log = kind.create(fs.mountpoint / name, 1 << 20)
+        first = _records(0)
+        assert _commit(log, first) == 4
+        fs.fail_writes("EIO", fsync=False, once=True)
+        second = _records(1)
+        assert _commit(log, second) == 4  # both acknowledge the group
+        failed = [e for e in fs.events() if e.path == f"/{name}" and e.answer != "ok"]
+        assert [(e.op, e.answer) for e in failed] == [("write", "EIO")], failed
+        log.close()
+        outcome[name] = log_recipe.read_committed(fs.backing / name) == first + second
+    assert outcome == {"recipe.log": True, "retry.log": False}
+
+
+def child_log_persistent_failure(directory: str) -> None:
+    """Every WRITE fails: commit() rewrites and retries once, then raises
+    WritebackError; nothing of the group is acknowledged, and the storage's
+    header counts only the groups that were."""
+    import msyncext
+
+    log_recipe = recipe("log_group_commit")
+    fs = ErrFS(Path(directory))
+    path = fs.mountpoint / "events.log"
+    log = log_recipe.Log.create(path, 1 << 20)
+    first = _records(0)
+    assert _commit(log, first) == 4
+    fs.fail_writes("EIO")
+    with pytest.raises(msyncext.WritebackError) as info:
+        _commit(log, _records(1))
+    assert info.value.errno == errno.EIO, info.value
+    failed = [e for e in fs.events() if e.op == "write" and e.answer == "EIO"]
+    assert len(failed) >= 2, "the recipe did not write the group a second time"
+    log.close()
+    assert log_recipe.read_committed(fs.backing / "events.log") == first
+
+
+def child_log_reopened(directory: str) -> None:
+    """A new process, the storage repaired: Log.open() finds the
+    acknowledged records and appends after them."""
+    log_recipe = recipe("log_group_commit")
+    fs = ErrFS(Path(directory))
+    path = fs.mountpoint / "events.log"
+    log = log_recipe.Log.open(path)
+    assert log_recipe.read_committed(path) == _records(0)
+    assert _commit(log, _records(2)) == 4
+    log.close()
+    backing = fs.backing / "events.log"
+    assert log_recipe.read_committed(backing) == _records(0) + _records(2)
+
+
+@needs_recipes
+@needs_errfs
+def test_log_recipe_rewrites_what_a_failed_write_back_lost(fs: ErrFS) -> None:
+    _run_on(fs, "child_log_transient_failure")
+
+
+@needs_recipes
+@needs_errfs
+def test_log_recipe_stops_on_a_second_failure_and_reopens(fs: ErrFS) -> None:
+    _run_on(fs, "child_log_persistent_failure")
+    fs.heal()
+    _run_on(fs, "child_log_reopened")
+
+
+def child_log_failing_device(mountpoint: str) -> None:
+    """ext4 on a loop device whose backing store is full: the reservation
+    succeeds (the file system has room), write-back fails at the device;
+    commit() raises WritebackError after its one retry, the process lives."""
+    import msyncext
+
+    log_recipe = recipe("log_group_commit")
+    capacity = 24 << 20
+    log = log_recipe.Log.create(Path(mountpoint) / "events.log", capacity)
+    payload = os.urandom(64 << 10)
+    count = 0
+    while log.end + len(payload) + 8 <= capacity:
+        log.append(payload)
+        count += 1
+    with pytest.raises(msyncext.WritebackError) as info:
+        log.commit()
+    assert info.value.errno in (errno.ENOSPC, errno.EIO, errno.EROFS), info.value
+    assert len(log.pending) == count, "records were acknowledged"
+    log.close()
+
+
+@needs_recipes
+@needs_loop
+def test_log_recipe_raises_writeback_error_from_a_failing_device() -> None:
+    # 64 MiB of ext4 over a 12 MiB tmpfs, as tests/test_faults.py builds it.
+    with (
+        blockdev.tmpfs("12m") as small,
+        blockdev.loop_ext4(
+            64, backing_dir=small, mount_options="errors=continue"
+        ) as fs,
+    ):
+        blockdev.run_isolated("test_recipes", "child_log_failing_device", fs.mountpoint)
