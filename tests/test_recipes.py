@@ -367,3 +367,102 @@ def test_log_recipe_raises_writeback_error_from_a_failing_device() -> None:
         ) as fs,
     ):
         blockdev.run_isolated("test_recipes", "child_log_failing_device", fs.mountpoint)
+
+
+# --------------------------------------------------------------------------
+# A new file: whole under its final name, or not at all
+
+
+@needs_recipes
+def test_new_file_recipe_writes_empty_data(tmp_path: Path) -> None:
+    new_file = recipe("new_file_durable")
+    path = tmp_path / "empty.bin"
+    new_file.write_durably(path, b"")
+    assert path.read_bytes() == b""
+    new_file.write_durably(path, b"full")
+    new_file.write_durably(path, b"")  # replaces a file that had data
+    assert path.read_bytes() == b""
+    assert os.listdir(tmp_path) == ["empty.bin"]
+
+
+def child_new_file_full_fs(directory: str) -> None:
+    """On a small tmpfs: data larger than the free space fails with ENOSPC,
+    leaving no file (and an existing one as it was); a retry once there is
+    room writes it whole."""
+    new_file = recipe("new_file_durable")
+    root = Path(directory)
+    data = os.urandom(3 << 20)
+    path = root / "snapshot.bin"
+    _fill(directory)
+    for _ in range(2):  # the retry of a failure fails the same way
+        with pytest.raises(OSError, match="No space left on device") as info:
+            new_file.write_durably(path, data)
+        assert info.value.errno == errno.ENOSPC, info.value
+        assert os.listdir(root) == ["filler"]
+    (root / "filler").unlink()
+    new_file.write_durably(path, data)
+    assert path.read_bytes() == data
+
+    # Replacing it: a failure leaves the old file whole.
+    _fill(directory)
+    with pytest.raises(OSError, match="No space left on device"):
+        new_file.write_durably(path, data[::-1])
+    assert path.read_bytes() == data
+    assert sorted(os.listdir(root)) == ["filler", "snapshot.bin"]
+
+
+@needs_recipes
+@needs_loop
+def test_new_file_recipe_leaves_nothing_behind_on_a_full_file_system() -> None:
+    with blockdev.tmpfs("4m") as small:
+        blockdev.run_isolated("test_recipes", "child_new_file_full_fs", small)
+
+
+def _held_open(name: str) -> list[str]:
+    """This process's descriptors of files whose name contains ``name``."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:  # the descriptor listdir itself used
+            continue
+        if name in target:
+            found.append(target)
+    return found
+
+
+def child_new_file_storage_fails(directory: str, how: str) -> None:
+    """The storage fails FSYNC (msync: WritebackError) or WRITE (on FUSE,
+    glibc's posix_fallocate writes a byte per block: OSError EIO): no file
+    under the final name, no temporary file, nothing held open; once healed
+    a retry writes it."""
+    import msyncext
+
+    new_file = recipe("new_file_durable")
+    fs = ErrFS(Path(directory))
+    path = fs.mountpoint / "snapshot.bin"
+    data = os.urandom(5 * PAGE + 7)
+    if how == "fsync":
+        fs.fail_fsync("EIO")
+    else:
+        fs.fail_writes("EIO")
+    for _ in range(2):
+        with pytest.raises(OSError, match="Input/output error") as info:
+            new_file.write_durably(path, data)
+        assert info.value.errno == errno.EIO, info.value
+        assert (type(info.value) is msyncext.WritebackError) == (how == "fsync")
+        assert os.listdir(fs.backing) == [], "a file was left behind"
+        assert not (held := _held_open(".snapshot.bin.")), held
+    fs.heal()
+    new_file.write_durably(path, data)
+    assert (fs.backing / "snapshot.bin").read_bytes() == data
+    assert os.listdir(fs.backing) == ["snapshot.bin"]
+
+
+@needs_recipes
+@needs_errfs
+@pytest.mark.parametrize("how", ["fsync", "write"])
+def test_new_file_recipe_leaves_nothing_behind_when_storage_fails(
+    fs: ErrFS, how: str
+) -> None:
+    _run_on(fs, "child_new_file_storage_fails", how)
