@@ -77,7 +77,7 @@ async def main() -> None:
                 # ...and a flush cancelled while it runs: the task ends
                 # cancelled only once the flush is over, so the map closes.
                 task = asyncio.create_task(write_and_flush(m, 200, b"late"))
-                await asyncio.sleep(0)  # the flush has started
+                await asyncio.sleep(0)  # it has handed the flush to a worker
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
