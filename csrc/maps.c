@@ -472,13 +472,16 @@ inodes_ambiguous(uint64_t dev)
     mount_facts facts;
 
     /* btrfs and bcachefs number inodes per subvolume, and every subvolume
-     * shows the superblock's device in the maps. A device no mount shows
-     * (a file system mounted in another namespace, an overlay's upper
-     * layer seen from a container) could be one of those. */
+     * shows the superblock's device in the maps. An overlay's inode
+     * numbers are unique only in some configurations (one file system
+     * below it, or xino). A device no mount shows (a file system mounted
+     * in another namespace, an overlay's upper layer seen from a
+     * container) could be any of those. */
     if (read_mounts(-1, dev, &facts) != 0 || facts.fstype[0] == '\0')
         return 1;
     return strcmp(facts.fstype, "btrfs") == 0
-           || strcmp(facts.fstype, "bcachefs") == 0;
+           || strcmp(facts.fstype, "bcachefs") == 0
+           || strcmp(facts.fstype, "overlay") == 0;
 }
 
 static int

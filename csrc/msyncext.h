@@ -161,8 +161,9 @@ int is_overlay(uint64_t dev);
  * show it, into *id: 1, else 0 (id unchanged). Opens nothing. */
 int resolve_view(const char *path, file_id *id);
 /* 1 if the file system on superblock device dev may give one inode number
- * to files in several subvolumes (btrfs, bcachefs), or cannot be found in
- * /proc/self/mountinfo; 0 if device and inode name one file. */
+ * to several files (btrfs and bcachefs subvolumes, an overlay whose layers
+ * differ), or cannot be found in /proc/self/mountinfo; 0 if device and
+ * inode name one file. */
 int inodes_ambiguous(uint64_t dev);
 /* The ids of the mounts (as /proc/self/mountinfo and fdinfo's mnt_id give
  * them) of file systems whose files do work when any descriptor of them is
