@@ -558,7 +558,8 @@ def _nothing_recorded(directory: str) -> None:
         msyncext.flush(m, i % 16 * PAGE, 1)
     msyncext.flush_ranges(m, [(0, 1), (9 * PAGE, 10)])
     assert msyncext.clear_writeback_error(m) is None
-    assert msyncext.clear_writeback_error(b"not a mapping") is None
+    with mmap.mmap(-1, PAGE) as anonymous:  # not a mapping of a file
+        assert msyncext.clear_writeback_error(anonymous) is None
     m.close()
     os.close(fd)
 

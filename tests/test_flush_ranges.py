@@ -239,10 +239,10 @@ class _IndexReturnsStr:
 def test_index_returning_a_non_int_names_flags() -> None:
     # As flush does: the interpreter's words, after the argument's name.
     with pytest.raises(TypeError, match=r"^flags: ") as info:
-        msyncext.flush_ranges(bytearray(8), [(0, 1)], flags=_IndexReturnsStr())
+        msyncext.flush_ranges(mmap.mmap(-1, PAGE), [(0, 1)], flags=_IndexReturnsStr())
     assert "__index__" in str(info.value)
     with pytest.raises(TypeError, match=r"^max_gap: "):
-        msyncext.flush_ranges(bytearray(8), [(0, 1)], max_gap=_IndexReturnsStr())
+        msyncext.flush_ranges(mmap.mmap(-1, PAGE), [(0, 1)], max_gap=_IndexReturnsStr())
 
 
 def test_the_default_flags_are_ms_sync(shm_map: MapFactory) -> None:
@@ -350,7 +350,7 @@ def test_empty_batches_make_no_syscall(shm_map: MapFactory) -> None:
     mapped = shm_map(4 * PAGE)
     assert msyncext.flush_ranges(mapped.map, []) == 0
     assert msyncext.flush_ranges(mapped.map, [(0, 0), (4 * PAGE, 0)]) == 0
-    assert msyncext.flush_ranges(bytearray(), []) == 0
+    assert msyncext.flush_ranges(memoryview(mapped.map)[4 * PAGE :], []) == 0
 
 
 def test_every_access_kind_and_flag(shm_map: MapFactory) -> None:

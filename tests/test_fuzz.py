@@ -153,10 +153,13 @@ def _closed_map() -> mmap.mmap:
 
 
 BUFFERS: dict[str, tuple[Callable[[], Any], type[BaseException] | None]] = {
-    "bytes": (lambda: b"abc", None),
-    "empty-bytes": (lambda: b"", None),
-    "bytearray": (lambda: bytearray(3 * PAGESIZE), None),
-    "array": (lambda: array.array("d", range(100)), None),
+    # Memory of their own (copies), never a mapping of a file: refused.
+    "bytes": (lambda: b"abc", TypeError),
+    "empty-bytes": (lambda: b"", TypeError),
+    "bytearray": (lambda: bytearray(3 * PAGESIZE), TypeError),
+    "array": (lambda: array.array("d", range(100)), TypeError),
+    "view-of-bytearray": (lambda: memoryview(bytearray(100))[5:], TypeError),
+    "map-slice": (lambda: mmap.mmap(-1, 2 * PAGESIZE)[5:50], TypeError),
     "numpy": (lambda: np.zeros(1000), None),
     "anon-map": (lambda: mmap.mmap(-1, 2 * PAGESIZE), None),
     "private-map-slice": (lambda: memoryview(mmap.mmap(-1, 2 * PAGESIZE))[5:], None),

@@ -2,14 +2,16 @@
 
 Every C path of msyncext runs here many times: success, each argument
 error, the OSError path (MS_INVALIDATE over mlocked pages gives EBUSY), the
-pinning of a numpy.memmap's mmap, (n, 2) arrays of pairs and the batch
-entry point's own checks. .ci/valgrind.sh runs this file
+pinning of a numpy.memmap's mmap, the refusal of copies (bytes, bytearray,
+array.array and views of them), (n, 2) arrays of pairs and the batch entry
+point's own checks. .ci/valgrind.sh runs this file
 under memcheck with MSYNCEXT_LEAK_ROUNDS small (and MSYNCEXT_VALGRIND=1,
 which skips the RSS test: valgrind's heap says nothing about ours).
 """
 
 from __future__ import annotations
 
+import array
 import ctypes
 import errno
 import functools
@@ -90,6 +92,12 @@ def _cases(
         )
 
     not_contiguous = np.zeros((8, 8))[:, 1:]
+    copy = m[100:164]  # bytes
+    heap = bytearray(64)
+    copy_view = memoryview(heap)[8:]
+    words = array.array("I", range(16))
+    over_bytes = np.frombuffer(copy, np.uint8)
+    over_heap = (ctypes.c_char * 16).from_buffer(bytearray(16))
     cases: dict[
         str, tuple[Callable[[], object], type[BaseException] | None, list[object]]
     ] = {
@@ -210,6 +218,18 @@ def _cases(
         "tracking": (lambda: _msync.writeback_tracking(), None, []),
         "page-offset": (lambda: _msync.page_offset(m), None, [m]),
         "page-offset-bad": (lambda: _msync.page_offset(idx), TypeError, [idx]),
+        # Copies (memory of their own) are refused at the end of the chain.
+        "copy-bytes": (lambda: flush(copy, 1, 2), TypeError, [copy]),
+        "copy-view": (lambda: flush(copy_view), TypeError, [copy_view, heap]),
+        "copy-array": (lambda: flush_ranges(words, pairs), TypeError, [words]),
+        "copy-numpy": (lambda: flush(over_bytes), TypeError, [over_bytes, copy]),
+        "copy-ctypes": (lambda: flush(over_heap), TypeError, [over_heap]),
+        "copy-clear": (
+            lambda: msyncext.clear_writeback_error(heap),
+            TypeError,
+            [heap],
+        ),
+        "copy-page-offset": (lambda: _msync.page_offset(words), TypeError, [words]),
     }
     return cases
 
