@@ -6,7 +6,8 @@
  *   - pin.c: buffers: a contiguous export of the caller's object, plus an
  *     export of the object that owns the mapping when the caller's object
  *     does not keep it mapped (numpy.memmap drops its own export of the
- *     mmap);
+ *     mmap); memory that is a copy (bytes, bytearray, array.array, and
+ *     views of them) refused;
  *   - batch.c: ranges: (offset, size) pairs checked, turned into covering
  *     page runs, sorted and merged (flush_ranges);
  *   - lines.c: lines of the kernel's text files read into a fixed buffer,
