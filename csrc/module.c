@@ -442,7 +442,8 @@ PyDoc_STRVAR(flush_doc,
 "cache. The GIL is released for the syscall, and the mapping under buf\n"
 "cannot be closed or resized meanwhile. Raises OSError (errno kept) if\n"
 "msync refuses the call, WritebackError if write-back of the file failed,\n"
-"now or in an earlier flush.");
+"now or in an earlier flush, and TypeError for a copy that maps no file\n"
+"(bytes such as m[100:105], bytearray, array.array): flush(m, 100, 5).");
 
 static PyObject *
 msync_flush(PyObject *module, PyObject *const *args, Py_ssize_t nargs,

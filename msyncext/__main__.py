@@ -131,6 +131,20 @@ def report_environment() -> None:
         ", ".join(f"{names[v]} ({v})" for v in sorted(msyncext.VALID_FLAGS)),
     )
     _row("write-back failures", f"{how}: {TRACKING.get(how, 'unknown')}")
+    _row("MS_ASYNC write-out", _write_out())
+
+
+def _write_out() -> str:
+    """Whether MS_ASYNC starts the write-out here, and where it does not."""
+    status = getattr(_msync, "writeout_status", None)
+    state, why = status() if status is not None else ("unavailable", "unknown")
+    if state != "available":
+        return f"not started here ({why}): MS_ASYNC is the kernel's own"
+    return (
+        "started by a background thread with a descriptor table of its own; "
+        "not for files on FUSE, NFS or SMB, under a lease, deleted, or with a "
+        "file system mounted over their path"
+    )
 
 
 class Mount:

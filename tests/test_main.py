@@ -67,6 +67,39 @@ def test_without_a_path(tmp_path: Path) -> None:
         assert f"({value})" in got["VALID_FLAGS"]
     assert "MS_SYNC (" in got["VALID_FLAGS"]
     assert got["write-back failures"].startswith(_msync.writeback_tracking())
+    assert got["MS_ASYNC write-out"].startswith(
+        "started by a background thread"
+    ) or got["MS_ASYNC write-out"].startswith("not started here (")
+
+
+def test_says_where_ms_async_starts_no_write_out(tmp_path: Path) -> None:
+    """Issue 20: where the write-out thread cannot have a descriptor table of
+    its own (a seccomp profile refusing close_range), the diagnostic says
+    that MS_ASYNC is the kernel's, and why."""
+    import test_side_effects
+
+    if os.uname().machine not in test_side_effects._AUDIT_ARCH:
+        pytest.skip(f"the seccomp filter knows no {os.uname().machine}")
+    code = (
+        "import runpy, sys\n"
+        f"sys.path.append({str(Path(__file__).parent)!r})\n"
+        "import test_side_effects\n"
+        "test_side_effects._refuse_close_range()\n"
+        "sys.argv = ['msyncext']\n"
+        "runpy.run_module('msyncext', run_name='__main__')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    row = _fields(done.stdout)["MS_ASYNC write-out"]
+    assert row.startswith("not started here (close_range(CLOSE_RANGE_UNSHARE)"), row
+    assert "Operation not permitted" in row, row
 
 
 def _digest(path: Path) -> tuple[str, int]:
