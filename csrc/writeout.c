@@ -581,6 +581,38 @@ due_later_locked(long long now)
     return next;
 }
 
+/* Schedule a later pass of r's file (wo_lock held), taking r's path. One
+ * per file: a file handed over again meanwhile has its pass moved after
+ * that hand-over (a writer that keeps rewriting gets its pass once it
+ * stops). */
+static void
+defer_locked(request *r, long long when)
+{
+    size_t i;
+    for (i = 0; i < wo_later.len; i++) {
+        request *l = &wo_later.items[i];
+        if (l->dev == r->dev && l->ino == r->ino
+            && strcmp(l->path, r->path) == 0) {
+            if (r->lo < l->lo)
+                l->lo = r->lo;
+            if (r->hi > l->hi)
+                l->hi = r->hi;
+            if (when > l->not_before)
+                l->not_before = when;
+            if (r->passes_done + 1 < l->passes_done)
+                l->passes_done = r->passes_done + 1;
+            return;
+        }
+    }
+    {
+        request again = *r;
+        again.not_before = when;
+        again.passes_done = r->passes_done + 1;
+        if (list_push(&wo_later, &again) == 0)
+            r->path = NULL;  /* now wo_later's */
+    }
+}
+
 static int
 drop_first(const void *a, const void *b)
 {
@@ -690,13 +722,8 @@ writeout_thread_main(void *unused)
             /* Asked for again while in flight: pages still under write-back
              * of an older version were passed over; pass again later,
              * holding nothing meanwhile. */
-            if (r->passes_done >= 0 && r->passes_done < PASSES) {
-                request again = *r;
-                again.not_before = idle_since + later_ns[r->passes_done];
-                again.passes_done = r->passes_done + 1;
-                if (list_push(&wo_later, &again) == 0)
-                    r->path = NULL;  /* now wo_later's */
-            }
+            if (r->passes_done >= 0 && r->passes_done < PASSES)
+                defer_locked(r, idle_since + later_ns[r->passes_done]);
         }
         wo_done_batch = number;
         wo_busy = 0;
