@@ -64,6 +64,7 @@ setup(
                 "csrc/batch.c",
                 "csrc/lines.c",
                 "csrc/maps.c",
+                "csrc/mounts.c",
                 "csrc/module.c",
                 "csrc/pin.c",
                 "csrc/writeback.c",

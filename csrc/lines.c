@@ -247,6 +247,24 @@ parse_mountinfo_line(const char *line, size_t len, mountinfo_line *out)
 }
 
 int
+parse_mountinfo_head(const char *line, size_t len, int *mount_id,
+                     int *parent_id, uint64_t *dev)
+{
+    cursor c = {line, line + len};
+    uint64_t id, parent, major, minor;
+
+    if (!number(&c, 10, &id) || !expect(&c, ' ') || !number(&c, 10, &parent)
+        || !expect(&c, ' ') || !number(&c, 10, &major) || !expect(&c, ':')
+        || !number(&c, 10, &minor) || id > INT32_MAX || parent > INT32_MAX
+        || major > UINT32_MAX || minor > UINT32_MAX)
+        return 0;
+    *mount_id = (int)id;
+    *parent_id = (int)parent;
+    *dev = (major << 32) | minor;
+    return 1;
+}
+
+int
 parse_locks_line(const char *line, size_t len, locks_line *out)
 {
     cursor c = {line, line + len};
@@ -260,7 +278,8 @@ parse_locks_line(const char *line, size_t len, locks_line *out)
         return 0;
     if (!field(&c, &tok, &tok_len))
         return 0;
-    if (tok_len == 2 && memcmp(tok, "->", 2) == 0 && !field(&c, &tok, &tok_len))
+    if (tok_len == 2 && memcmp(tok, "->", 2) == 0
+        && !field(&c, &tok, &tok_len))
         return 0;
     out->lease = (tok_len == 5 && memcmp(tok, "LEASE", 5) == 0)
                  || (tok_len == 5 && memcmp(tok, "DELEG", 5) == 0);

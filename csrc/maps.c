@@ -145,16 +145,31 @@ open_maps(void)
     return open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
 }
 
-/* This thread's view of the mounts (/proc/self is the main thread's, gone
- * once it exits; thread-self is Linux 3.17+). */
-static int
-open_mountinfo(void)
+/* What maps_fd was when opened, to tell it from a descriptor the
+ * application closed and opened anew at the same number (a daemon that
+ * closes every descriptor). */
+static dev_t maps_fd_dev;
+static ino_t maps_fd_ino;
+
+static void
+note_maps_fd(int fd)
 {
-    int fd = open("/proc/thread-self/mountinfo", O_RDONLY | O_CLOEXEC);
-    if (fd < 0 && errno == ENOENT)
-        fd = open("/proc/self/mountinfo", O_RDONLY | O_CLOEXEC);
-    return fd;
+    struct stat st;
+    if (fd >= 0 && stat_fd(fd, &st) == 0) {
+        maps_fd_dev = st.st_dev;
+        maps_fd_ino = st.st_ino;
+    }
 }
+
+static int
+still_ours(int fd)
+{
+    struct stat st;
+    return fd >= 0 && stat_fd(fd, &st) == 0 && st.st_dev == maps_fd_dev
+           && st.st_ino == maps_fd_ino;
+}
+
+static pthread_mutex_t parse_lock = PTHREAD_MUTEX_INITIALIZER;
 
 void
 maps_init(void)
@@ -174,30 +189,46 @@ maps_init(void)
     fd = open_maps();
     if (fd < 0)
         return;
+    note_maps_fd(fd);
     if (!__atomic_compare_exchange_n(&maps_fd, &expected, fd, 0,
                                      __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
         close(fd);  /* another thread was first */
 }
 
 void
+maps_before_fork(void)
+{
+    pthread_mutex_lock(&parse_lock);
+}
+
+void
+maps_after_fork_parent(void)
+{
+    pthread_mutex_unlock(&parse_lock);
+}
+
+void
 maps_atfork_child(void)
 {
-    int old = __atomic_load_n(&maps_fd, __ATOMIC_RELAXED);
+    int old = __atomic_load_n(&maps_fd, __ATOMIC_RELAXED), fresh;
+
+    pthread_mutex_init(&parse_lock, NULL);
     if (old < 0)
         return;
-    /* Closing first frees a slot, so the open cannot fail for EMFILE. */
-    close(old);
-    __atomic_store_n(&maps_fd, open_maps(), __ATOMIC_RELEASE);
+    /* The parent's maps, open at the same number: this child's own is
+     * needed. Closed first (that frees a slot: the open cannot fail for
+     * EMFILE), but only if it is still ours: a number the application
+     * closed and reused is its file now, left alone. */
+    if (still_ours(old))
+        close(old);
+    fresh = open_maps();
+    note_maps_fd(fresh);
+    __atomic_store_n(&maps_fd, fresh, __ATOMIC_RELEASE);
 }
 
 /* Bytes of a /proc file for lines.c, from a descriptor and a position. */
-typedef struct {
-    int fd;
-    off_t pos;
-} proc_source;
-
-static ssize_t
-read_proc(void *ctx, char *dst, size_t n)
+ssize_t
+proc_read(void *ctx, char *dst, size_t n)
 {
     proc_source *src = ctx;
     for (;;) {
@@ -211,15 +242,16 @@ read_proc(void *ctx, char *dst, size_t n)
     }
 }
 
-/* Lines longer than this are handed out cut: their fields all fit, and a
- * name that does not is reported as cut (never a prefix taken for it). */
-enum { PARSE_BUFFER = 8192, PATH_SIZE = 4096 + 64 };
+/* Lines longer than the buffer are handed out cut: their fields all fit,
+ * and a name that does not is reported as cut (never a prefix taken for
+ * it). The buffer is this much more than the room the caller has for the
+ * name. */
+enum { PARSE_BUFFER = 8192 };
 
 /* The parse, for kernels without PROCMAP_QUERY. A fresh descriptor, so
  * that no lock is shared between threads; if none is free, the kept one
- * under a lock (preads of it need no shared position, the lock only
+ * under parse_lock (preads of it need no shared position, the lock only
  * keeps a reopen from closing it meanwhile). */
-static pthread_mutex_t parse_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static int
 parse_mapping_at(uintptr_t addr, mapping_info *out, char *name,
@@ -240,12 +272,12 @@ parse_mapping_at(uintptr_t addr, mapping_info *out, char *name,
         shared_fd = 1;
         pthread_mutex_lock(&parse_lock);
     }
-    buf = malloc(PARSE_BUFFER);
+    buf = malloc(PARSE_BUFFER + name_size);
     if (buf == NULL) {
         err = ENOMEM;
         goto done;
     }
-    line_reader_init(&reader, buf, PARSE_BUFFER, read_proc, &src);
+    line_reader_init(&reader, buf, PARSE_BUFFER + name_size, proc_read, &src);
     while ((rc = line_next(&reader, &line, &len, &cut)) == 1) {
         maps_line m;
         if (!parse_maps_line(line, len, &m))
@@ -261,11 +293,18 @@ parse_mapping_at(uintptr_t addr, mapping_info *out, char *name,
         out->dev = m.dev;
         out->shared = m.shared;
         out->name_cut = 0;
+        /* The kernel escapes a newline in a name as "\012" and nothing
+         * else, not even a backslash: a name with a backslash in it cannot
+         * be read back for certain, and is not taken for a path. */
         if (name != NULL && name_size > 0
-            && (cut || unescape_name(m.name, m.name_len, name, name_size)
-                           == (size_t)-1)) {
+            && (cut || memchr(m.name, '\\', m.name_len) != NULL
+                || m.name_len >= name_size)) {
             name[0] = '\0';
             out->name_cut = 1;
+        }
+        else if (name != NULL && name_size > 0) {
+            memcpy(name, m.name, m.name_len);
+            name[m.name_len] = '\0';
         }
         found = 1;
         break;
@@ -327,6 +366,22 @@ query_mapping_at(int fd, uintptr_t addr, mapping_info *out, char *name,
     return 0;
 }
 
+/* A path longer than PATH_MAX, which PROCMAP_QUERY cannot give: from the
+ * parse, if the caller has room for it (a rare lookup). */
+static void
+long_name(uintptr_t addr, mapping_info *out, char *name, size_t name_size)
+{
+    mapping_info parsed;
+    if (parse_mapping_at(addr, &parsed, name, name_size) == 0
+        && parsed.start == out->start && parsed.dev == out->dev
+        && parsed.ino == out->ino) {
+        out->name_cut = parsed.name_cut;
+        return;
+    }
+    name[0] = '\0';
+    out->name_cut = 1;
+}
+
 int
 mapping_at(uintptr_t addr, mapping_info *out, char *name, size_t name_size)
 {
@@ -349,6 +404,8 @@ mapping_at(uintptr_t addr, mapping_info *out, char *name, size_t name_size)
         if (err == 0 || err == ENOENT) {
             if (works < 0)
                 __atomic_store_n(&query_works, 1, __ATOMIC_RELAXED);
+            if (err == 0 && out->name_cut && name_size > 4096)
+                long_name(addr, out, name, name_size);
             return err;
         }
         if ((err == ENOTTY || err == EINVAL) && works < 0) {
@@ -365,6 +422,7 @@ mapping_at(uintptr_t addr, mapping_info *out, char *name, size_t name_size)
             int fresh = open_maps();
             if (fresh < 0)
                 return errno == ENOENT ? ENOSYS : errno;
+            note_maps_fd(fresh);
             if (!__atomic_compare_exchange_n(&maps_fd, &expected, fresh, 0,
                                              __ATOMIC_ACQ_REL,
                                              __ATOMIC_ACQUIRE))
@@ -372,490 +430,6 @@ mapping_at(uintptr_t addr, mapping_info *out, char *name, size_t name_size)
         }
     }
     return err;
-}
-
-/* ------------------------------------------------------------------------
- * What can be learnt of a mapped file without opening it
- */
-
-/* Where the mounts say which device each file system is: the superblock's
- * device of a mount, and the type of the file system on a device. */
-typedef struct {
-    uint64_t dev_of_mount;   /* 0: that mount was not found */
-    char fstype[32];         /* "": no mount of that device was found */
-} mount_facts;
-
-static int
-read_mounts(int mount_id, uint64_t dev, mount_facts *out)
-{
-    proc_source src = {open_mountinfo(), 0};
-    line_reader reader;
-    char *buf, *line;
-    size_t len;
-    int cut, rc;
-
-    out->dev_of_mount = 0;
-    out->fstype[0] = '\0';
-    if (src.fd < 0)
-        return errno;
-    buf = malloc(PARSE_BUFFER);
-    if (buf == NULL) {
-        close(src.fd);
-        return ENOMEM;
-    }
-    line_reader_init(&reader, buf, PARSE_BUFFER, read_proc, &src);
-    while ((rc = line_next(&reader, &line, &len, &cut)) == 1) {
-        mountinfo_line m;
-        if (!parse_mountinfo_line(line, len, &m))
-            continue;
-        if (mount_id >= 0 && m.mount_id == mount_id)
-            out->dev_of_mount = m.dev;
-        if (m.dev == dev && out->fstype[0] == '\0'
-            && m.fstype_len < sizeof(out->fstype)) {
-            memcpy(out->fstype, m.fstype, m.fstype_len);
-            out->fstype[m.fstype_len] = '\0';
-        }
-    }
-    free(buf);
-    close(src.fd);
-    return rc < 0 ? reader.err : 0;
-}
-
-/* File systems whose files do work when ANY descriptor of them is closed
- * (their f_op->flush): FUSE writes the file back, waits and sends its
- * server a FLUSH (and clears the errors a later close() would report);
- * NFS, SMB, Ceph, 9p, OrangeFS, AFS and Coda write back or talk to their
- * server; eCryptfs passes the close on to the file below. */
-static int
-closing_does_work(const char *fstype, size_t len)
-{
-    static const char *const types[] = {
-        "fuse", "fuseblk", "virtiofs", "nfs", "nfs4", "cifs", "smb3",
-        "smbfs", "ceph", "9p", "orangefs", "afs", "coda", "ecryptfs", NULL,
-    };
-    size_t i;
-    if (len >= 5 && memcmp(fstype, "fuse.", 5) == 0)
-        return 1;  /* fuse.sshfs, fuse.errfs, ... */
-    for (i = 0; types[i] != NULL; i++) {
-        if (strlen(types[i]) == len && memcmp(types[i], fstype, len) == 0)
-            return 1;
-    }
-    return 0;
-}
-
-int
-mounts_closing_does_work(int *ids, size_t max, size_t *n)
-{
-    proc_source src = {open_mountinfo(), 0};
-    line_reader reader;
-    char *buf, *line;
-    size_t len;
-    int cut, rc;
-
-    *n = 0;
-    if (src.fd < 0)
-        return errno;
-    buf = malloc(PARSE_BUFFER);
-    if (buf == NULL) {
-        close(src.fd);
-        return ENOMEM;
-    }
-    line_reader_init(&reader, buf, PARSE_BUFFER, read_proc, &src);
-    while ((rc = line_next(&reader, &line, &len, &cut)) == 1) {
-        mountinfo_line m;
-        if (parse_mountinfo_line(line, len, &m)
-            && closing_does_work(m.fstype, m.fstype_len)) {
-            if (*n == max) {
-                rc = E2BIG;
-                break;
-            }
-            ids[(*n)++] = m.mount_id;
-        }
-    }
-    free(buf);
-    close(src.fd);
-    return rc == E2BIG ? E2BIG : rc < 0 ? reader.err : 0;
-}
-
-int
-inodes_ambiguous(uint64_t dev)
-{
-    mount_facts facts;
-
-    /* btrfs and bcachefs number inodes per subvolume, and every subvolume
-     * shows the superblock's device in the maps. An overlay's inode
-     * numbers are unique only in some configurations (one file system
-     * below it, or xino). A device no mount shows (a file system mounted
-     * in another namespace, an overlay's upper layer seen from a
-     * container) could be any of those. */
-    if (read_mounts(-1, dev, &facts) != 0 || facts.fstype[0] == '\0')
-        return 1;
-    return strcmp(facts.fstype, "btrfs") == 0
-           || strcmp(facts.fstype, "bcachefs") == 0
-           || strcmp(facts.fstype, "overlay") == 0;
-}
-
-static int
-lstat_path(const char *path, struct stat *st)
-{
-#if defined(RAW_STAT)
-    return syscall(SYS_newfstatat, AT_FDCWD, path, st, AT_SYMLINK_NOFOLLOW)
-                   == 0
-               ? 0
-               : errno;
-#else
-    return lstat(path, st) == 0 ? 0 : errno;
-#endif
-}
-
-typedef struct {
-    struct file_handle fh;
-    unsigned char bytes[ID_HANDLE_MAX];
-} handle_buffer;
-
-static int
-take_handle(const char *path, handle_buffer *h, int *mount_id)
-{
-    h->fh.handle_bytes = ID_HANDLE_MAX;
-    return name_to_handle_at(AT_FDCWD, path, &h->fh, mount_id, 0) == 0;
-}
-
-int
-handle_by_path(const char *path, file_id *id)
-{
-    handle_buffer first, again;
-    int mount_first, mount_again;
-    struct stat st;
-
-    id->handle_type = -1;
-    if (path == NULL || path[0] != '/')
-        return 0;
-    /* Handle, stat, handle: if the path named another file in between,
-     * the two handles differ. Nothing is opened (no FIFO can block, no lock
-     * can be released) and a final symlink is not followed. */
-    if (!take_handle(path, &first, &mount_first)
-        || lstat_path(path, &st) != 0 || !take_handle(path, &again, &mount_again)
-        || mount_first != mount_again
-        || first.fh.handle_type != again.fh.handle_type
-        || first.fh.handle_bytes != again.fh.handle_bytes
-        || first.fh.handle_bytes > ID_HANDLE_MAX
-        || memcmp(first.bytes, again.bytes, first.fh.handle_bytes) != 0)
-        return 0;
-    if (!S_ISREG(st.st_mode) || (uint64_t)st.st_ino != id->ino)
-        return 0;
-    /* The path must reach the mapping's inode on the mapping's superblock,
-     * not a view of it (an overlay's path names the overlay's inode; its
-     * handle would not be the mapped file's). stat() shows the
-     * superblock's device, except on btrfs subvolumes: there the mount
-     * says which superblock the path is on. */
-    if (dev_key(st.st_dev) != id->dev) {
-        mount_facts facts;
-        if (read_mounts(mount_first, 0, &facts) != 0
-            || facts.dev_of_mount != id->dev)
-            return 0;
-    }
-    id->handle_type = first.fh.handle_type;
-    id->handle_len = first.fh.handle_bytes;
-    memcpy(id->handle, first.bytes, first.fh.handle_bytes);
-    return 1;
-}
-
-/* ------------------------------------------------------------------------
- * overlayfs views
- *
- * A file mapped through an overlay mount shows the overlay's device and
- * path (and, with all layers on one file system, the real inode's number),
- * while the pages and their write-back belong to the real file in the
- * upper layer, which the same process may map through the upper directory
- * too. The real file is found where the overlay's mount says its upper
- * layer is: upperdir, plus the path below the mount point.
- */
-
-typedef struct {
-    uint64_t dev;
-    const char *path;
-    size_t best;             /* length of the longest mount point matched */
-    char upper[PATH_SIZE];   /* upperdir + the mount's root, unescaped */
-} view_search;
-
-/* The value of name= among comma-separated, escaped options, unescaped into
- * dst: 1 found, 0 not. */
-static int
-option_value(const char *opts, size_t len, const char *name, char *dst,
-             size_t dst_size)
-{
-    size_t name_len = strlen(name), at = 0;
-
-    while (at < len) {
-        const char *comma = memchr(opts + at, ',', len - at);
-        size_t end = comma != NULL ? (size_t)(comma - opts) : len;
-        if (end - at > name_len && memcmp(opts + at, name, name_len) == 0
-            && opts[at + name_len] == '=')
-            return unescape_name(opts + at + name_len + 1,
-                                 end - at - name_len - 1, dst, dst_size)
-                   != (size_t)-1;
-        at = end + 1;
-    }
-    return 0;
-}
-
-static void
-consider_overlay(view_search *v, const mountinfo_line *m)
-{
-    char point[PATH_SIZE], root[PATH_SIZE], upper[PATH_SIZE];
-    size_t n, path_len = strlen(v->path);
-
-    if (m->dev != v->dev || m->fstype_len != 7
-        || memcmp(m->fstype, "overlay", 7) != 0)
-        return;
-    n = unescape_name(m->mount_point, m->mount_point_len, point, sizeof(point));
-    if (n == (size_t)-1 || n > path_len || memcmp(point, v->path, n) != 0
-        || (n > 1 && v->path[n] != '/' && v->path[n] != '\0'))
-        return;
-    if (n == 1)
-        n = 0;  /* mounted at "/": the whole path is below it */
-    if (n < v->best && v->best != (size_t)-1)
-        return;
-    if (unescape_name(m->root, m->root_len, root, sizeof(root)) == (size_t)-1
-        || !option_value(m->super_options, m->super_options_len, "upperdir",
-                         upper, sizeof(upper)))
-        return;
-    if (snprintf(v->upper, sizeof(v->upper), "%s%s", upper,
-                 strcmp(root, "/") == 0 ? "" : root)
-        >= (int)sizeof(v->upper))
-        return;
-    v->best = n;
-}
-
-int
-resolve_view(const char *path, file_id *id)
-{
-    proc_source src = {-1, 0};
-    view_search v;
-    line_reader reader;
-    char *buf, *line, *real;
-    size_t len;
-    int cut, rc, found = 0;
-    struct stat st;
-
-    if (path == NULL || path[0] != '/')
-        return 0;
-    v.dev = id->dev;
-    v.path = path;
-    v.best = (size_t)-1;
-    v.upper[0] = '\0';
-    src.fd = open_mountinfo();
-    if (src.fd < 0)
-        return 0;
-    buf = malloc(PARSE_BUFFER + PATH_SIZE);
-    if (buf == NULL) {
-        close(src.fd);
-        return 0;
-    }
-    real = buf + PARSE_BUFFER;
-    line_reader_init(&reader, buf, PARSE_BUFFER, read_proc, &src);
-    while ((rc = line_next(&reader, &line, &len, &cut)) == 1) {
-        mountinfo_line m;
-        if (!cut && parse_mountinfo_line(line, len, &m))
-            consider_overlay(&v, &m);
-    }
-    close(src.fd);
-    if (rc == 0 && v.best != (size_t)-1
-        && snprintf(real, PATH_SIZE, "%s%s", v.upper, path + v.best)
-               < PATH_SIZE
-        && lstat_path(real, &st) == 0 && S_ISREG(st.st_mode)
-        && (uint64_t)st.st_ino == id->ino) {
-        /* The upper file, on its own file system: its device is the one
-         * its mount shows (btrfs: not stat's), its handle its own. */
-        file_id upper_id;
-        upper_id.dev = dev_key(st.st_dev);
-        upper_id.ino = (uint64_t)st.st_ino;
-        upper_id.handle_type = -1;
-        upper_id.view = 0;
-        found = 1;
-        if (!handle_by_path(real, &upper_id)) {
-            handle_buffer h;
-            int mount_id;
-            mount_facts facts;
-            if (take_handle(real, &h, &mount_id)
-                && read_mounts(mount_id, 0, &facts) == 0
-                && facts.dev_of_mount != 0) {
-                upper_id.dev = facts.dev_of_mount;
-                handle_by_path(real, &upper_id);
-            }
-        }
-        *id = upper_id;
-    }
-    free(buf);
-    return found;
-}
-
-int
-is_overlay(uint64_t dev)
-{
-    mount_facts facts;
-    return read_mounts(-1, dev, &facts) == 0
-           && strcmp(facts.fstype, "overlay") == 0;
-}
-
-/* ------------------------------------------------------------------------
- * The mount table and the leases, for the write-out's way to a file
- */
-
-static int
-mount_kind(const char *fstype, size_t len)
-{
-    if (closing_does_work(fstype, len))
-        return MOUNT_CLOSE_WORKS;
-    if (len == 7 && memcmp(fstype, "overlay", 7) == 0)
-        return MOUNT_OVERLAY;
-    if ((len == 5 && memcmp(fstype, "btrfs", 5) == 0)
-        || (len == 8 && memcmp(fstype, "bcachefs", 8) == 0))
-        return MOUNT_SUBVOLUMES;
-    return MOUNT_PLAIN;
-}
-
-void
-mount_table_free(mount_table *t)
-{
-    size_t i;
-    for (i = 0; i < t->len; i++)
-        free(t->items[i].point);
-    free(t->items);
-    t->items = NULL;
-    t->len = 0;
-}
-
-int
-mount_table_read(mount_table *t)
-{
-    proc_source src = {open_mountinfo(), 0};
-    line_reader reader;
-    char *buf, *line;
-    size_t len, cap = 0;
-    int cut, rc, err = 0;
-
-    t->items = NULL;
-    t->len = 0;
-    if (src.fd < 0)
-        return errno;
-    buf = malloc(PARSE_BUFFER + PATH_SIZE);
-    if (buf == NULL) {
-        close(src.fd);
-        return ENOMEM;
-    }
-    line_reader_init(&reader, buf, PARSE_BUFFER, read_proc, &src);
-    while ((rc = line_next(&reader, &line, &len, &cut)) == 1) {
-        mountinfo_line m;
-        mount_entry *e;
-        char *point = buf + PARSE_BUFFER;
-        size_t n;
-
-        if (!parse_mountinfo_line(line, len, &m))
-            continue;
-        n = unescape_name(m.mount_point, m.mount_point_len, point, PATH_SIZE);
-        if (t->len == cap) {
-            size_t grown_cap = cap ? 2 * cap : 64;
-            mount_entry *grown = realloc(t->items, grown_cap * sizeof(*grown));
-            if (grown == NULL) {
-                err = ENOMEM;
-                break;
-            }
-            t->items = grown;
-            cap = grown_cap;
-        }
-        e = &t->items[t->len];
-        e->id = m.mount_id;
-        e->parent = m.parent_id;
-        e->dev = m.dev;
-        e->kind = mount_kind(m.fstype, m.fstype_len);
-        /* A line cut short or a point that cannot be a C string names no
-         * place: kept (for its id and parent), never matched. */
-        e->point = !cut && n != (size_t)-1 ? strdup(point) : NULL;
-        if (!cut && n != (size_t)-1 && e->point == NULL) {
-            err = ENOMEM;
-            break;
-        }
-        t->len++;
-    }
-    if (err == 0 && rc < 0)
-        err = reader.err;
-    free(buf);
-    close(src.fd);
-    if (err != 0)
-        mount_table_free(t);
-    return err;
-}
-
-int
-leases_read(uint64_t **pairs, size_t *n)
-{
-    proc_source src = {open("/proc/locks", O_RDONLY | O_CLOEXEC), 0};
-    line_reader reader;
-    char *buf, *line;
-    size_t len, cap = 0;
-    int cut, rc, err = 0;
-
-    *pairs = NULL;
-    *n = 0;
-    if (src.fd < 0)
-        return errno;
-    buf = malloc(PARSE_BUFFER);
-    if (buf == NULL) {
-        close(src.fd);
-        return ENOMEM;
-    }
-    line_reader_init(&reader, buf, PARSE_BUFFER, read_proc, &src);
-    while ((rc = line_next(&reader, &line, &len, &cut)) == 1) {
-        locks_line l;
-        if (!parse_locks_line(line, len, &l) || !l.lease)
-            continue;
-        if (*n == cap) {
-            size_t grown_cap = cap ? 2 * cap : 16;
-            uint64_t *grown = realloc(*pairs, grown_cap * 2 * sizeof(*grown));
-            if (grown == NULL) {
-                err = ENOMEM;
-                break;
-            }
-            *pairs = grown;
-            cap = grown_cap;
-        }
-        (*pairs)[2 * *n] = l.dev;
-        (*pairs)[2 * *n + 1] = l.ino;
-        (*n)++;
-    }
-    if (err == 0 && rc < 0)
-        err = reader.err;
-    free(buf);
-    close(src.fd);
-    if (err != 0) {
-        free(*pairs);
-        *pairs = NULL;
-        *n = 0;
-    }
-    return err;
-}
-
-int
-mount_id_of(int fd)
-{
-    char path[64], text[1024], *at;
-    int info, id;
-    ssize_t got;
-
-    snprintf(path, sizeof(path), "/proc/thread-self/fdinfo/%d", fd);
-    info = open(path, O_RDONLY | O_CLOEXEC);
-    if (info < 0)
-        return -1;
-    got = read(info, text, sizeof(text) - 1);
-    close(info);
-    if (got <= 0)
-        return -1;
-    text[got] = '\0';
-    at = strstr(text, "mnt_id:");
-    if (at == NULL || sscanf(at + 7, "%d", &id) != 1)
-        return -1;
-    return id;
 }
 
 int
@@ -911,72 +485,13 @@ maps_method(void)
     return "none";
 }
 
-int
-inodes_ambiguous(uint64_t dev)
-{
-    (void)dev;
-    return 1;
-}
 
-int
-mounts_closing_does_work(int *ids, size_t max, size_t *n)
-{
-    (void)ids;
-    (void)max;
-    *n = 0;
-    return ENOSYS;
-}
 
-int
-mount_table_read(mount_table *t)
-{
-    t->items = NULL;
-    t->len = 0;
-    return ENOSYS;
-}
 
-void
-mount_table_free(mount_table *t)
-{
-    (void)t;
-}
 
-int
-leases_read(uint64_t **pairs, size_t *n)
-{
-    *pairs = NULL;
-    *n = 0;
-    return ENOSYS;
-}
 
-int
-mount_id_of(int fd)
-{
-    (void)fd;
-    return -1;
-}
 
-int
-handle_by_path(const char *path, file_id *id)
-{
-    (void)path;
-    id->handle_type = -1;
-    return 0;
-}
 
-int
-resolve_view(const char *path, file_id *id)
-{
-    (void)path;
-    (void)id;
-    return 0;
-}
 
-int
-is_overlay(uint64_t dev)
-{
-    (void)dev;
-    return 0;
-}
 
 #endif

@@ -87,10 +87,17 @@ sync_span(char *start, size_t length, int flags, wb_report *rep,
     if (wb_any() && (outcome = recorded(lo, hi, rep)) != SYNC_OK)
         return outcome;
     if (msync(start, length, flags) != 0) {
+        wb_pending pending;
         rep->err = errno;
-        if (wb_is_bad_call(lo, hi, flags, rep->err))
+        /* Counted before the (slow) look at whether it is a bad call: a
+         * flush of the same file by another thread, whose msync returns 0
+         * meanwhile, waits for the verdict. */
+        wb_begin(&pending, lo, hi, rep->err);
+        if (wb_is_bad_call(lo, hi, flags, rep->err)) {
+            wb_end(&pending, 0);
             return SYNC_FAILED;
-        rep->err = wb_record(lo, hi, rep->err);
+        }
+        rep->err = wb_end(&pending, 1);
         return SYNC_WRITEBACK;
     }
     if (wb_any()) {
@@ -169,8 +176,9 @@ failed_file(const wb_report *rep)
     unsigned long long ino = (unsigned long long)rep->ino;
 
     if (rep->path[0] != '\0')
-        return PyUnicode_FromFormat("%s (device %u:%u, inode %llu)",
-                                    rep->path, major, minor, ino);
+        return PyUnicode_FromFormat("%s%s (device %u:%u, inode %llu)",
+                                    rep->path, rep->path_cut ? "..." : "",
+                                    major, minor, ino);
     return PyUnicode_FromFormat("device %u:%u, inode %llu", major, minor, ino);
 }
 
@@ -190,19 +198,23 @@ refusal_reason(int outcome, const wb_report *rep)
     if (outcome == SYNC_REFUSED)
         told = PyUnicode_FromFormat(
             " of %U, whose write-back failed earlier (%U)", file, name);
-    else if (outcome == SYNC_UNSURE && rep->identified)
-        told = PyUnicode_FromFormat(
-            " (msyncext cannot tell this file apart from %U, whose "
-            "write-back failed (%U): they show the same device and inode "
-            "number, on a file system that numbers inodes per subvolume; "
-            "clear_writeback_error(buf) lifts this refusal for this file "
-            "only)", file, name);
-    else if (outcome == SYNC_UNSURE)
+    else if (outcome == SYNC_UNSURE && !rep->identified)
         told = PyUnicode_FromFormat(
             " (a write-back failure (%U) is recorded for a file msyncext "
             "could not identify (%s), so every file is refused until "
             "clear_writeback_error(buf) lifts it, file by file)",
             name, strerror(rep->why));
+    else if (outcome == SYNC_UNSURE && (rep->view || rep->candidate_view))
+        told = PyUnicode_FromFormat(
+            " (msyncext cannot see through an overlay mount to tell this "
+            "file apart from %U, whose write-back failed (%U))", file, name);
+    else if (outcome == SYNC_UNSURE)
+        told = PyUnicode_FromFormat(
+            " (msyncext cannot tell this file apart from %U, whose "
+            "write-back failed (%U): they show the same device and inode "
+            "number, on a file system that may give one number to several "
+            "files: btrfs or bcachefs subvolumes, a FUSE or SMB server, an "
+            "overlay)", file, name);
     else if (file != NULL)  /* SYNC_UNKNOWN */
         told = PyUnicode_FromFormat(
             " (a write-back failure of %U (%U) is recorded, and msyncext "
@@ -249,6 +261,9 @@ raise_sync_error(module_state *st, int outcome, const wb_report *rep,
               : st->writeback_error;
     exc = PyObject_CallFunction(cls, "isO", err, strerror(err), where);
     Py_DECREF(where);
+    if (exc != NULL && (outcome == SYNC_UNSURE || outcome == SYNC_UNKNOWN)
+        && PyObject_SetAttrString(exc, "unsure", Py_True) < 0)
+        Py_CLEAR(exc);
     if (exc != NULL) {
         PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
         Py_DECREF(exc);

@@ -11,9 +11,13 @@
  *   - batch.c: ranges: (offset, size) pairs checked, turned into covering
  *     page runs, sorted and merged (flush_ranges);
  *   - lines.c: lines of the kernel's text files read into a fixed buffer,
- *     and the fields of /proc/self/maps and mountinfo lines (no syscalls);
+ *     and the fields of /proc/self/maps, mountinfo and locks lines (no
+ *     syscalls);
  *   - maps.c: which file is mapped at an address (the PROCMAP_QUERY ioctl,
  *     or a parse of /proc/self/maps);
+ *   - mounts.c: the file systems around a mapped file (mountinfo, leases)
+ *     and the way to the file from its own mount that touches nothing
+ *     else;
  *   - writeback.c: the write-back failure record: once msync reports that
  *     write-back of a file failed, every later flush of that file raises
  *     WritebackError until the caller clears it (one record per process);
@@ -22,12 +26,14 @@
  *   - module.c: the syscall, the methods, constants and slots.
  *
  * Uses point one way: module.c uses all the others, batch.c uses pin.c and
- * args.c, pin.c uses args.c; writeout.c uses writeback.c and maps.c,
- * writeback.c uses maps.c, maps.c uses lines.c, and lines.c uses none.
+ * args.c, pin.c uses args.c; writeout.c and writeback.c use mounts.c and
+ * maps.c, mounts.c uses maps.c, maps.c uses lines.c, and lines.c uses
+ * none.
  *
- * lines.c, maps.c, writeback.c and writeout.c run without the GIL and use
- * no Python API: they define MSYNCEXT_NO_PYTHON before including this file
- * and see only their own sections, which need libc alone.
+ * lines.c, maps.c, mounts.c, writeback.c and writeout.c run without the
+ * GIL and use no Python API: they define MSYNCEXT_NO_PYTHON before
+ * including this file and see only their own sections, which need libc
+ * alone.
  */
 #ifndef MSYNCEXT_H
 #define MSYNCEXT_H
@@ -104,6 +110,10 @@ typedef struct {
 
 /* A /proc/self/mountinfo line: 1 parsed, 0 malformed. */
 int parse_mountinfo_line(const char *line, size_t len, mountinfo_line *out);
+/* The first fields of a mountinfo line (of a line cut short, too): 1 read,
+ * 0 malformed. */
+int parse_mountinfo_head(const char *line, size_t len, int *mount_id,
+                         int *parent_id, uint64_t *dev);
 
 typedef struct {
     int lease;                  /* a lease or an NFS delegation */
@@ -159,46 +169,6 @@ typedef struct {
                             * be found: dev and ino are the overlay's */
 } file_id;
 
-/* Take id's handle through path, if path names the file of (id->dev,
- * id->ino) itself, on that superblock: 1, else 0 (and no handle). Opens
- * nothing. */
-int handle_by_path(const char *path, file_id *id);
-/* 1 if dev is an overlayfs mount's device. */
-int is_overlay(uint64_t dev);
-/* For a file mapped through an overlay mount (path and id as the mapping
- * shows them): the real file in the upper layer, as its own mapping would
- * show it, into *id: 1, else 0 (id unchanged). Opens nothing. */
-int resolve_view(const char *path, file_id *id);
-/* 1 if the file system on superblock device dev may give one inode number
- * to several files (btrfs and bcachefs subvolumes, an overlay whose layers
- * differ), or cannot be found in /proc/self/mountinfo; 0 if device and
- * inode name one file. */
-int inodes_ambiguous(uint64_t dev);
-/* The ids of the mounts (as /proc/self/mountinfo and fdinfo's mnt_id give
- * them) of file systems whose files do work when any descriptor of them is
- * closed (FUSE, NFS, SMB, ...): 0, E2BIG if more than max, or an errno. */
-int mounts_closing_does_work(int *ids, size_t max, size_t *n);
-
-/* The mount table, for the write-out's way to a file. */
-enum { MOUNT_PLAIN = 0, MOUNT_SUBVOLUMES, MOUNT_OVERLAY, MOUNT_CLOSE_WORKS };
-typedef struct {
-    int id, parent;
-    uint64_t dev;       /* the superblock's */
-    int kind;           /* MOUNT_* */
-    char *point;        /* unescaped; NULL if it cannot be named */
-} mount_entry;
-typedef struct {
-    mount_entry *items;
-    size_t len;
-} mount_table;
-/* This thread's /proc/.../mountinfo: 0, or an errno (t empty). */
-int mount_table_read(mount_table *t);
-void mount_table_free(mount_table *t);
-/* The files that hold a lease or an NFS delegation, as (device, inode)
- * pairs (/proc/locks; those of this pid namespace): 0, or an errno. */
-int leases_read(uint64_t **pairs, size_t *n);
-/* The mount id of descriptor fd of this thread's table (fdinfo), or -1. */
-int mount_id_of(int fd);
 /* 1 where mapping_at can tell files apart (Linux), else 0. */
 int maps_can_identify(void);
 /* How: "PROCMAP_QUERY", "/proc/self/maps" (parsed), or "none". */
@@ -210,8 +180,84 @@ int stat_fd(int fd, struct stat *st);
 /* A close-on-exec duplicate of fd, or -1. */
 int dup_cloexec(int fd);
 /* A device number as maps.c states devices: major << 32 | minor. */
-#include <sys/types.h>
 uint64_t dev_key(dev_t dev);
+
+/* Before fork() and after it, in the parent and in the child (the parse's
+ * lock; the child's own descriptor of its maps). */
+void maps_before_fork(void);
+void maps_after_fork_parent(void);
+
+/* Bytes of a /proc file for lines.c: ctx is a proc_source. */
+typedef struct {
+    int fd;
+    off_t pos;
+} proc_source;
+ssize_t proc_read(void *ctx, char *dst, size_t n);
+
+/* ------------------------------------------------------------------------
+ * mounts.c: the file systems around a mapped file, and the way to it that
+ * touches nothing else. No GIL needed.
+ */
+
+/* How far device and inode numbers name one file on a file system. */
+enum {
+    FS_UNKNOWN = 0,   /* no mount shows the device, or its line was unread */
+    FS_UNIQUE,        /* device and inode name one file while it exists */
+    FS_AMBIGUOUS,     /* may name several: btrfs and bcachefs subvolumes,
+                       * FUSE, SMB or 9p servers' own numbers */
+    FS_OVERLAY,       /* an overlay: its own device, the real file below */
+};
+/* What a mount's files do when closed. */
+enum { MOUNT_PLAIN = 0, MOUNT_CLOSE_WORKS, MOUNT_UNREADABLE };
+
+typedef struct {
+    int id, parent;
+    uint64_t dev;       /* the superblock's */
+    int kind;           /* MOUNT_*: CLOSE_WORKS for FUSE, NFS, SMB, ...;
+                         * UNREADABLE: its line was too long to trust */
+    int fs;             /* FS_* */
+    char *point;        /* unescaped; NULL if it cannot be named */
+    char *upper;        /* an overlay's upperdir (plus its root), or NULL */
+} mount_entry;
+typedef struct {
+    mount_entry *items;
+    size_t len;
+} mount_table;
+
+/* This thread's /proc/.../mountinfo: 0, or an errno (t empty). */
+int mount_table_read(mount_table *t);
+void mount_table_free(mount_table *t);
+/* The mount a mapping of device dev showing path lies on (the longest
+ * point prefixing it, hidden by no other mount), or NULL; *point_len is
+ * the length of its point within path (0 for "/"). */
+const mount_entry *mount_of_path(const mount_table *t, uint64_t dev,
+                                 const char *path, size_t *point_len);
+/* FS_* of the file system on superblock device dev (remembered 1 s). */
+int fs_kind(uint64_t dev);
+void mounts_before_fork(void);
+void mounts_after_fork_parent(void);
+void mounts_atfork_child(void);
+/* path opened O_PATH | O_NOFOLLOW from the root of its mount (as above),
+ * never leaving it, following no symlink: a descriptor, or -1 with errno
+ * (EXDEV: another mount on the way, or FUSE, NFS, SMB when walk_servers is
+ * 0: a server that no longer answers would hang the walk). *on (if given)
+ * is the mount. */
+int open_on_mount(const mount_table *t, uint64_t dev, const char *path,
+                  int walk_servers, const mount_entry **on);
+/* The handle of the regular file (id->dev, id->ino) reached through path
+ * that way: 1 and id's handle filled, else 0. */
+int handle_on_mount(const char *path, file_id *id);
+/* For a file mapped through an overlay (path and id as the mapping shows
+ * them): 1 and *id the real file in the upper layer (its device as its own
+ * mapping would show it, its handle); 0 if there is none this process can
+ * reach (the view is then the file as far as it can tell); -1 if it
+ * cannot be told (id unchanged). */
+int resolve_view(const char *path, file_id *id);
+/* The files that hold a lease or an NFS delegation, as (device, inode)
+ * pairs (/proc/locks; those of this pid namespace): 0, or an errno. */
+int leases_read(uint64_t **pairs, size_t *n);
+/* The mount id of descriptor fd of this thread's table (fdinfo), or -1. */
+int mount_id_of(int fd);
 
 /* ------------------------------------------------------------------------
  * writeback.c: the write-back failure record. No GIL needed.
@@ -244,9 +290,22 @@ typedef struct {
     int why;             /* WB_UNKNOWN, or an unidentified entry: the
                           * errno of the lookup that failed */
     int identified;      /* the entry names its file (dev, ino, path) */
+    int view;            /* ... an overlay view it could not see through */
+    int candidate_view;  /* WB_UNSURE: this buffer's file is such a view */
     uint64_t dev, ino;
-    char path[512];      /* its path at the failure, "" if none; cut */
+    char path[512];      /* its path at the failure, "" if none */
+    int path_cut;        /* path holds only the start of a longer one */
 } wb_report;
+
+/* A failure msync reported, counted from the moment it is seen until it
+ * is recorded or shown to be a bad call (lives on the caller's stack). */
+typedef struct wb_pending wb_pending;
+struct wb_pending {
+    uintptr_t lo, hi;
+    int err;
+    int record;
+    wb_pending *next;
+};
 
 int wb_init(void);
 /* Whether an errno msync gave after msyncext's own checks is a bad call
@@ -255,14 +314,16 @@ int wb_is_bad_call(uintptr_t lo, uintptr_t hi, int flags, int err);
 /* What the record says of the file(s) mapped in [lo, hi): WB_*, with
  * *out describing the refusing entry. */
 int wb_check(uintptr_t lo, uintptr_t hi, wb_report *out);
-/* Record the failure msync reported over [lo, hi); returns the errno to
- * report (the first recorded for that file). */
-int wb_record(uintptr_t lo, uintptr_t hi, int err);
+/* msync failed with err over [lo, hi): count it in at once (wb_begin),
+ * then wb_end with record = 0 (a bad call) or 1 (a failed write-back:
+ * recorded; returns the errno to report, the first of that file). */
+void wb_begin(wb_pending *pending, uintptr_t lo, uintptr_t hi, int err);
+int wb_end(wb_pending *pending, int record);
 /* Wait until no other thread is recording a failure. */
 void wb_settle(void);
 /* Forget the failures of the file(s) in [lo, hi) that are certainly those
- * files, and lift the refusals of those that may be; the first errno
- * forgotten, or 0. */
+ * files, and lift the refusals of those that may be; the errno of a
+ * failure forgotten (or whose very mapping was cleared), or 0. */
 int wb_clear(uintptr_t lo, uintptr_t hi);
 
 /* ------------------------------------------------------------------------

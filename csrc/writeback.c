@@ -13,34 +13,41 @@
  *
  * How files are told apart (file_id in msyncext.h): by the superblock's
  * device and the inode the mappings show, and by the file system's handle
- * for the file (name_to_handle_at, through the mapping's path, only where
- * that path still reaches the mapped inode): the handle carries the inode's
- * generation, so a new file given a failed file's inode number is another
- * file, and on btrfs it carries the subvolume. Nothing of a failed file is
- * held open: once nothing maps it and no name is left, its space is freed
- * and its file system can be unmounted; its entry stays, harmless, because
- * a file that later gets its number has another handle (or is a file
- * msyncext may confuse with it: below).
+ * for the file (name_to_handle_at of the file reached through the
+ * mapping's path from its own mount, mounts.c): the handle carries the
+ * inode's generation, so a new file given a failed file's inode number is
+ * another file, and on btrfs it carries the subvolume. A file mapped
+ * through an overlay is the real file in the upper layer (mounts.c finds
+ * it), so both views are one file. Nothing of a failed file is held open:
+ * once nothing maps it and no name is left, its space is freed and its
+ * file system can be unmounted; its entry stays, harmless, because a file
+ * that later gets its number has another handle (or is a file msyncext
+ * may confuse with it: below).
  *
  * The rule this record keeps:
  *   - An entry that cannot be told apart from another file refuses that
  *     file too, and is never cleared through it. Device and inode name one
- *     file while it exists, except where a file system numbers inodes per
- *     subvolume (btrfs, bcachefs), an overlay whose real file could not be
- *     found, or a device no mount shows: "ambiguous". There, without a
- *     handle on both sides (or the very path the failed mapping showed),
- *     the two are UNSURE.
+ *     file while it exists, except on file systems that give one number to
+ *     several files (btrfs and bcachefs subvolumes, FUSE, SMB and 9p
+ *     servers, an overlay whose real file could not be found) or that no
+ *     mount shows: there, without a handle on both sides, the two are
+ *     UNSURE. An overlay view whose real file cannot be told (no /proc, no
+ *     descriptor free) is UNSURE against every file.
  *   - A clear forgets only entries that are certainly the cleared file:
  *     equal handles, or the same device and inode on a file system where
  *     those name one file. (Without handles that file may be a new one with
  *     the failed file's old number: then the failed file exists no more,
  *     nothing can flush it, and forgetting it loses nothing.)
- *   - An unsure refusal is bounded to what is unsure and can always be
- *     cleared: clearing a file that is unsure against an entry exempts that
- *     file (by its device, inode and handle, or "no handle") from that
- *     entry, which goes on refusing everything else it may be. An entry for
- *     a file that could not be identified at all refuses every flush and is
- *     lifted the same way, file by file.
+ *   - An unsure refusal is bounded to what is unsure and can be cleared:
+ *     clearing a file that is unsure against an entry exempts that file
+ *     from that entry, by its handle or, without one, by the exact path its
+ *     mapping shows (a deleted file's "... (deleted)" too); the entry goes
+ *     on refusing every other file it may be. A file with neither handle
+ *     nor path (a path too long to read, no descriptor free) cannot be
+ *     named, so it cannot be exempted: its refusal stays until it can.
+ *     Where no file can be looked up at all (no /proc), a clear forgets the
+ *     entries whose failing span the buffer overlaps: the address is all
+ *     there is.
  *   - Nothing is held: no descriptor, no mount, no space.
  *
  * No Python here: this runs without the GIL. The lock guards memory only;
@@ -62,33 +69,37 @@
 #include <pthread.h>
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
+/* A file cleared while unsure against an entry: its identity, and the path
+ * its mapping showed when it had no handle. */
+typedef struct {
+    file_id id;
+    char *path;
+} exemption;
+
 typedef struct {
     int identified;      /* 0: which file failed could not be told */
     file_id id;          /* identified: the failed file */
-    int ambiguous;       /* its device may number inodes per subvolume */
+    int ambiguous;       /* its device and inode may name another file */
     int err;             /* the first failure's errno */
     int why;             /* not identified: why (an errno) */
-    uintptr_t lo, hi;    /* the failing span: clears an unidentified entry
-                          * where files cannot be told apart at all */
+    uintptr_t lo, hi;    /* the failing span: what a clear matches when no
+                          * file can be looked up */
     char *path;          /* the mapping's path at the failure, or NULL */
-    file_id *exempt;     /* files cleared while unsure against this one */
+    exemption *exempt;   /* files cleared while unsure against this one */
     size_t n_exempt, cap_exempt;
 } wb_failure;
 
-/* A failure reported by msync and not yet in the list. It lives on the
- * recording thread's stack; a forked child finds it in its copy of the
- * memory and records it itself (that thread does not exist there). */
-typedef struct wb_pending {
-    uintptr_t lo, hi;
-    int err;
-    struct wb_pending *next;
-} wb_pending;
+/* wb_pending (msyncext.h): a failure reported by msync and not yet in
+ * the list. It lives on the recording thread's stack; a forked child finds
+ * it in its copy of the memory and records it itself (that thread does not
+ * exist there). */
 
 static pthread_mutex_t wb_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wb_settled = PTHREAD_COND_INITIALIZER;
@@ -96,11 +107,13 @@ static pthread_cond_t wb_settled = PTHREAD_COND_INITIALIZER;
 int wb_count;
 static wb_failure *wb_list;
 static size_t wb_len, wb_cap;
-static size_t wb_unknown;   /* entries with identified == 0 */
+/* Entries that refuse any file: unidentified ones, unresolved views. */
+static size_t wb_wide;
 static wb_pending *wb_inflight;
 
-/* Room for a path as the kernel gives one (PATH_MAX) and a little more. */
-enum { NAME_SIZE = 4096 + 64 };
+/* Room for a path longer than PATH_MAX (maps.c reads those through the
+ * parse); a rare lookup, allocated for it. */
+enum { NAME_SIZE = 64 * 1024 };
 
 /* ------------------------------------------------------------------------
  * Comparing files
@@ -115,89 +128,118 @@ same_handle(const file_id *a, const file_id *b)
            && memcmp(a->handle, b->handle, a->handle_len) == 0;
 }
 
+static int
+wide(const wb_failure *f)
+{
+    return !f->identified || f->id.view;
+}
+
 /* What entry f says of the file c (whose handle is filled if it could be
  * had). */
 static int
-relation(const wb_failure *f, const file_id *c, const char *c_path)
+relation(const wb_failure *f, const file_id *c)
 {
-    if (!f->identified)
-        return REL_UNSURE;
-    if (f->id.ino != c->ino)
+    if (wide(f) || c->view)
+        return REL_UNSURE;  /* it may be any file */
+    if (f->id.ino != c->ino || f->id.dev != c->dev)
         return REL_DIFFERENT;
-    if (f->id.dev != c->dev)
-        /* An overlay view whose real file was not found may be any file of
-         * that number below it. */
-        return f->id.view || c->view ? REL_UNSURE : REL_DIFFERENT;
     if (f->id.handle_type >= 0 && c->handle_type >= 0)
         return same_handle(&f->id, c) ? REL_SAME : REL_DIFFERENT;
-    if (!f->ambiguous)
-        return REL_SAME;
-    /* Neither handle to compare, on btrfs: the same file only if its
-     * mapping shows the very path the failed one did (a file deleted while
-     * mapped shows "... (deleted)"): another subvolume's file has another
-     * path. */
-    return f->path != NULL && c_path != NULL && c_path[0] != '\0'
-                   && strcmp(f->path, c_path) == 0
-               ? REL_SAME
-               : REL_UNSURE;
+    return f->ambiguous ? REL_UNSURE : REL_SAME;
 }
 
-/* Whether c was cleared while unsure against f. An exemption without a
- * handle covers the files of that device and inode that show none. */
+/* Whether c (with the path its mapping shows, "" if none) was cleared
+ * while unsure against f. */
 static int
-exempted(const wb_failure *f, const file_id *c)
+exempted(const wb_failure *f, const file_id *c, const char *c_path)
 {
     size_t i;
     for (i = 0; i < f->n_exempt; i++) {
-        const file_id *e = &f->exempt[i];
-        if (e->dev != c->dev || e->ino != c->ino)
+        const exemption *e = &f->exempt[i];
+        if (e->id.dev != c->dev || e->id.ino != c->ino
+            || e->id.view != c->view)
             continue;
-        if (e->handle_type < 0 ? c->handle_type < 0 : same_handle(e, c))
+        if (e->id.handle_type >= 0 ? same_handle(&e->id, c)
+                                   : c->handle_type < 0 && e->path != NULL
+                                         && strcmp(e->path, c_path) == 0)
             return 1;
     }
     return 0;
 }
 
-/* Whether an entry could have anything to say of a file of inode number
- * ino without a closer look (wb_lock held). The number alone decides: an
- * overlay view shows the overlay's device with the real file's number. */
+/* Whether an entry could have anything to say of a file of device dev and
+ * inode ino, whose file system is of kind (FS_*), without a closer look
+ * (wb_lock held). */
 static int
-touched_locked(uint64_t ino)
+touched_locked(uint64_t dev, uint64_t ino, int kind)
 {
     size_t i;
-    if (wb_unknown > 0)
-        return 1;
+    if (wb_wide > 0 || kind == FS_OVERLAY || kind == FS_UNKNOWN)
+        return wb_len > 0;  /* a view may be the real file of any entry */
     for (i = 0; i < wb_len; i++) {
-        if (wb_list[i].id.ino == ino)
+        if (wb_list[i].id.dev == dev && wb_list[i].id.ino == ino)
             return 1;
     }
     return 0;
 }
 
-/* The file of mapping m, whose path is name (or "" / cut): as a file_id,
- * with its handle where it can be had, and an overlay view replaced by
- * the real file in the upper layer where that can be found. */
+/* Names the kernel gives files of its own, which no mount shows and whose
+ * numbers are unique among them: memfds, System V shared memory, shared
+ * anonymous maps. */
+static int
+kernel_internal(const char *name)
+{
+    return strncmp(name, "/memfd:", 7) == 0 || strncmp(name, "/SYSV", 5) == 0
+           || strcmp(name, "/dev/zero (deleted)") == 0;
+}
+
+/* The file of mapping m, whose path is name ("" if none or cut): as a
+ * file_id, with its handle where it can be had, an overlay view replaced by
+ * the real file in the upper layer where that can be found. *kind is how
+ * far its device and inode name it (FS_*). */
 static void
-identify_named(const mapping_info *m, const char *name, file_id *out)
+identify_named(const mapping_info *m, const char *name, file_id *out,
+               int *kind)
 {
     out->dev = m->dev;
     out->ino = m->ino;
     out->handle_type = -1;
     out->handle_len = 0;
     out->view = 0;
-    if (is_overlay(m->dev)) {
-        if (m->name_cut || !resolve_view(name, out))
-            out->view = 1;
+    *kind = fs_kind(m->dev);
+    if (*kind == FS_UNKNOWN && !m->name_cut && kernel_internal(name)) {
+        *kind = FS_UNIQUE;
+        return;
+    }
+    if (*kind == FS_OVERLAY || *kind == FS_UNKNOWN) {
+        int found = *kind == FS_OVERLAY && !m->name_cut
+                        ? resolve_view(name, out)
+                        : -1;
+        if (found == 1) {
+            *kind = fs_kind(out->dev);
+            if (*kind == FS_UNKNOWN)
+                *kind = FS_AMBIGUOUS;
+        }
+        else if (found == 0) {
+            /* No real file this process can reach: the view is the file,
+             * on a file system whose numbers may repeat. */
+            *kind = FS_AMBIGUOUS;
+            handle_on_mount(name, out);
+        }
+        else {
+            out->view = 1;  /* may be any file */
+        }
         return;
     }
     if (!m->name_cut)
-        handle_by_path(name, out);
+        handle_on_mount(name, out);
 }
 
 /* The file mapped at addr, found without a name as m, identified: 0, or
- * the lookup's errno. */
+ * the lookup's errno. name gets the path its mapping shows ("" if none). */
 static int
-identify(uintptr_t addr, const mapping_info *m, file_id *out, char *name)
+identify(uintptr_t addr, const mapping_info *m, file_id *out, char *name,
+         int *kind)
 {
     mapping_info again;
     int rc = mapping_at(addr, &again, name, NAME_SIZE);
@@ -211,7 +253,7 @@ identify(uintptr_t addr, const mapping_info *m, file_id *out, char *name)
         again.name_cut = 1;
         name[0] = '\0';
     }
-    identify_named(&again, name, out);
+    identify_named(&again, name, out, kind);
     return 0;
 }
 
@@ -222,7 +264,10 @@ identify(uintptr_t addr, const mapping_info *m, file_id *out, char *name)
 static void
 free_entry(wb_failure *f)
 {
+    size_t i;
     free(f->path);
+    for (i = 0; i < f->n_exempt; i++)
+        free(f->exempt[i].path);
     free(f->exempt);
 }
 
@@ -234,10 +279,10 @@ insert_locked(wb_failure *f)
 {
     size_t i;
 
-    if (f->identified) {
+    if (f->identified && !f->id.view) {
         for (i = 0; i < wb_len; i++) {
             wb_failure *e = &wb_list[i];
-            if (relation(e, &f->id, f->path) == REL_SAME) {
+            if (relation(e, &f->id) == REL_SAME) {
                 if (e->id.handle_type < 0 && f->id.handle_type >= 0)
                     e->id = f->id;
                 if (e->path == NULL) {
@@ -259,19 +304,18 @@ insert_locked(wb_failure *f)
             free_entry(f);
             if (wb_len == 0)
                 return f->err;  /* raised now; nothing to remember it by */
-            if (wb_list[wb_len - 1].identified) {
-                wb_list[wb_len - 1].identified = 0;
-                wb_list[wb_len - 1].why = ENOMEM;
-                wb_unknown++;
-            }
+            if (!wide(&wb_list[wb_len - 1]))
+                wb_wide++;
+            wb_list[wb_len - 1].identified = 0;
+            wb_list[wb_len - 1].why = ENOMEM;
             return f->err;
         }
         wb_list = grown;
         wb_cap = cap;
     }
     wb_list[wb_len++] = *f;
-    if (!f->identified)
-        wb_unknown++;
+    if (wide(f))
+        wb_wide++;
     __atomic_add_fetch(&wb_count, 1, __ATOMIC_ACQ_REL);
     return f->err;
 }
@@ -279,30 +323,39 @@ insert_locked(wb_failure *f)
 static void
 drop_locked(size_t index)
 {
-    if (!wb_list[index].identified)
-        wb_unknown--;
+    if (wide(&wb_list[index]))
+        wb_wide--;
     free_entry(&wb_list[index]);
     wb_list[index] = wb_list[wb_len - 1];
     wb_len--;
     __atomic_sub_fetch(&wb_count, 1, __ATOMIC_ACQ_REL);
 }
 
-/* Exempt c from entry f. 0, or ENOMEM (then f goes on refusing c). */
+/* Exempt c (whose mapping shows c_path) from entry f. 1 exempted; 0 not: c
+ * cannot be named (neither handle nor path), or no memory. */
 static int
-exempt_locked(wb_failure *f, const file_id *c)
+exempt_locked(wb_failure *f, const file_id *c, const char *c_path)
 {
-    if (exempted(f, c))
+    exemption e;
+
+    if (exempted(f, c, c_path))
+        return 1;
+    if (c->handle_type < 0 && c_path[0] == '\0')
         return 0;
     if (f->n_exempt == f->cap_exempt) {
         size_t cap = f->cap_exempt ? 2 * f->cap_exempt : 4;
-        file_id *grown = realloc(f->exempt, cap * sizeof(*grown));
+        exemption *grown = realloc(f->exempt, cap * sizeof(*grown));
         if (grown == NULL)
-            return ENOMEM;
+            return 0;
         f->exempt = grown;
         f->cap_exempt = cap;
     }
-    f->exempt[f->n_exempt++] = *c;
-    return 0;
+    e.id = *c;
+    e.path = NULL;
+    if (c->handle_type < 0 && (e.path = strdup(c_path)) == NULL)
+        return 0;
+    f->exempt[f->n_exempt++] = e;
+    return 1;
 }
 
 static void
@@ -312,16 +365,21 @@ report_locked(const wb_failure *f, int outcome, wb_report *out)
     out->err = f->err;
     out->why = f->identified ? 0 : f->why;
     out->identified = f->identified;
+    out->view = f->id.view;
     out->dev = f->id.dev;
     out->ino = f->id.ino;
     out->path[0] = '\0';
-    if (f->path != NULL)
+    out->path_cut = 0;
+    if (f->path != NULL) {
+        size_t n = strlen(f->path);
+        out->path_cut = n >= sizeof(out->path);
         snprintf(out->path, sizeof(out->path), "%s", f->path);
+    }
 }
 
 /* The verdict of every entry on file c: WB_FAILED (certainly a failed
  * file) before WB_UNSURE (may be one), else WB_CLEAN; *out describes the
- * entry. */
+ * entry and, for WB_UNSURE, why (out->candidate_view). */
 static int
 judge_locked(const file_id *c, const char *c_path, wb_report *out)
 {
@@ -330,13 +388,15 @@ judge_locked(const file_id *c, const char *c_path, wb_report *out)
 
     for (i = 0; i < wb_len; i++) {
         const wb_failure *f = &wb_list[i];
-        int rel = relation(f, c, c_path);
+        int rel = relation(f, c);
         if (rel == REL_SAME) {
             report_locked(f, WB_FAILED, out);
             return WB_FAILED;
         }
-        if (rel == REL_UNSURE && !exempted(f, c) && outcome == WB_CLEAN) {
+        if (rel == REL_UNSURE && !exempted(f, c, c_path)
+            && outcome == WB_CLEAN) {
             report_locked(f, WB_UNSURE, out);
+            out->candidate_view = c->view;
             outcome = WB_UNSURE;
         }
     }
@@ -359,7 +419,7 @@ record_span(uintptr_t lo, uintptr_t hi, int err)
     while (name != NULL && at < hi) {
         mapping_info m;
         wb_failure f;
-        int reported;
+        int reported, kind;
 
         rc = mapping_at(at, &m, name, NAME_SIZE);
         if (rc != 0)
@@ -367,8 +427,8 @@ record_span(uintptr_t lo, uintptr_t hi, int err)
         if (m.ino != 0 && m.shared) {
             memset(&f, 0, sizeof(f));
             f.identified = 1;
-            identify_named(&m, name, &f.id);
-            f.ambiguous = inodes_ambiguous(f.id.dev);
+            identify_named(&m, name, &f.id, &kind);
+            f.ambiguous = kind != FS_UNIQUE;
             f.err = err;
             f.lo = lo;
             f.hi = hi;
@@ -402,27 +462,36 @@ record_span(uintptr_t lo, uintptr_t hi, int err)
     return first;
 }
 
-int
-wb_record(uintptr_t lo, uintptr_t hi, int err)
+void
+wb_begin(wb_pending *pending, uintptr_t lo, uintptr_t hi, int err)
 {
-    wb_pending pending = {lo, hi, err, NULL};
-    wb_pending **at;
-
-    /* Counted before the lookup, so that a thread whose msync of the same
-     * file returned 0 meanwhile (the kernel reports a failure once) waits
-     * for this record (wb_settle) instead of succeeding. */
+    /* Counted at once, before anything is looked up (whether the errno is
+     * a bad call, which file failed), so that a thread whose msync of the
+     * same file returned 0 meanwhile (the kernel reports a failure once)
+     * waits for this (wb_settle) instead of succeeding. */
+    pending->lo = lo;
+    pending->hi = hi;
+    pending->err = err;
+    pending->record = 1;
     pthread_mutex_lock(&wb_lock);
-    pending.next = wb_inflight;
-    wb_inflight = &pending;
+    pending->next = wb_inflight;
+    wb_inflight = pending;
     __atomic_add_fetch(&wb_count, 1, __ATOMIC_ACQ_REL);
     pthread_mutex_unlock(&wb_lock);
+}
 
-    err = record_span(lo, hi, err);
+int
+wb_end(wb_pending *pending, int record)
+{
+    wb_pending **at;
+    int err = pending->err;
 
+    if (record)
+        err = record_span(pending->lo, pending->hi, pending->err);
     pthread_mutex_lock(&wb_lock);
     for (at = &wb_inflight; *at != NULL; at = &(*at)->next) {
-        if (*at == &pending) {
-            *at = pending.next;
+        if (*at == pending) {
+            *at = pending->next;
             break;
         }
     }
@@ -467,12 +536,13 @@ wb_check(uintptr_t lo, uintptr_t hi, wb_report *out)
     int outcome = WB_CLEAN;
 
     out->outcome = WB_CLEAN;
+    out->candidate_view = 0;
     if (!maps_can_identify())
         return cannot_tell(ENOSYS, out);
 
     while (at < hi) {
         mapping_info m;
-        int rc = mapping_at(at, &m, NULL, 0), touched;
+        int rc = mapping_at(at, &m, NULL, 0), touched, kind;
 
         if (rc == ENOENT)
             break;  /* not mapped: msync says ENOMEM itself */
@@ -481,18 +551,19 @@ wb_check(uintptr_t lo, uintptr_t hi, wb_report *out)
             break;
         }
         if (m.ino != 0 && m.shared) {
+            kind = fs_kind(m.dev);
             pthread_mutex_lock(&wb_lock);
-            touched = touched_locked(m.ino);
+            touched = touched_locked(m.dev, m.ino, kind);
             pthread_mutex_unlock(&wb_lock);
             if (touched) {
-                /* The rare path: an entry shares this file's device and
-                 * inode (or could not be identified): its handle decides. */
+                /* The rare path: an entry may be this file: its handle, its
+                 * real file below an overlay, decide. */
                 file_id c;
                 if (name == NULL && (name = malloc(NAME_SIZE)) == NULL) {
                     outcome = cannot_tell(ENOMEM, out);
                     break;
                 }
-                rc = identify(at, &m, &c, name);
+                rc = identify(at, &m, &c, name, &kind);
                 if (rc != 0) {
                     outcome = cannot_tell(rc, out);
                     break;
@@ -520,7 +591,7 @@ int
 wb_clear(uintptr_t lo, uintptr_t hi)
 {
     uintptr_t at = lo;
-    int first = 0, looked = 0;
+    int first = 0, looked = 0, kind;
     char *name = malloc(NAME_SIZE);
     size_t i;
 
@@ -531,19 +602,25 @@ wb_clear(uintptr_t lo, uintptr_t hi)
         if (mapping_at(at, &m, NULL, 0) != 0)
             break;
         looked = 1;
-        if (m.ino != 0 && identify(at, &m, &c, name) == 0) {
+        if (m.ino != 0 && identify(at, &m, &c, name, &kind) == 0) {
             pthread_mutex_lock(&wb_lock);
             for (i = 0; i < wb_len;) {
                 wb_failure *f = &wb_list[i];
-                int rel = relation(f, &c, name);
+                int rel = relation(f, &c);
                 if (rel == REL_SAME) {
                     if (first == 0)
                         first = f->err;
                     drop_locked(i);
                     continue;
                 }
-                if (rel == REL_UNSURE)
-                    exempt_locked(f, &c);
+                /* Unsure: this file's refusal is lifted, the entry stays.
+                 * A file whose mapping shows the very path the failed one
+                 * did is most likely that file: its errno is returned (the
+                 * entry still refuses every other file it may be). */
+                if (rel == REL_UNSURE && exempt_locked(f, &c, name)
+                    && first == 0 && f->path != NULL && name[0] != '\0'
+                    && strcmp(f->path, name) == 0)
+                    first = f->err;
                 i++;
             }
             pthread_mutex_unlock(&wb_lock);
@@ -556,12 +633,12 @@ wb_clear(uintptr_t lo, uintptr_t hi)
 
     if (!looked) {
         /* Nothing here can name the file behind buf (no /proc, or another
-         * system): an unidentified failure is cleared through the span that
-         * failed, as the README says. */
+         * system): a failure is forgotten through the span that failed, as
+         * the README says. */
         pthread_mutex_lock(&wb_lock);
         for (i = 0; i < wb_len;) {
             wb_failure *f = &wb_list[i];
-            if (!f->identified && f->lo < hi && lo < f->hi) {
+            if (f->lo < hi && lo < f->hi) {
                 if (first == 0)
                     first = f->err;
                 drop_locked(i);
@@ -583,11 +660,15 @@ static void
 before_fork(void)
 {
     pthread_mutex_lock(&wb_lock);
+    maps_before_fork();
+    mounts_before_fork();
 }
 
 static void
 after_fork_parent(void)
 {
+    mounts_after_fork_parent();
+    maps_after_fork_parent();
     pthread_mutex_unlock(&wb_lock);
 }
 
@@ -596,17 +677,20 @@ after_fork_child(void)
 {
     wb_pending *p;
 
-    /* Only this thread exists now: reset the lock and condition rather
+    /* Only this thread exists now: reset the locks and condition rather
      * than unlock them, then finish the recordings other threads had under
-     * way, against a descriptor of the child's own maps. */
+     * way (those known to be write-back failures, or not yet known: when
+     * unsure, record), against a descriptor of the child's own maps. */
     pthread_mutex_init(&wb_lock, NULL);
     pthread_cond_init(&wb_settled, NULL);
+    mounts_atfork_child();
     maps_atfork_child();
     p = wb_inflight;
     wb_inflight = NULL;
     while (p != NULL) {
         wb_pending *next = p->next;
-        record_span(p->lo, p->hi, p->err);
+        if (p->record)
+            record_span(p->lo, p->hi, p->err);
         __atomic_sub_fetch(&wb_count, 1, __ATOMIC_ACQ_REL);
         p = next;
     }
@@ -637,57 +721,72 @@ wb_init(void)
  */
 
 #if defined(__linux__)
-/* Whether any mapping overlapping [lo, hi) is mlock()ed: 1, 0, or -1 if
- * /proc/self/smaps cannot say. Its header lines look like maps' lines;
- * each mapping's "VmFlags:" line holds "lo" when it is locked. */
-static int
-span_locked(uintptr_t lo, uintptr_t hi)
-{
-    char line[512];
-    int inside = 0, found = -1, whole = 1;
-    FILE *smaps = fopen("/proc/self/smaps", "re");
+/* What /proc/self/smaps says of the mappings over [lo, hi), in address
+ * order: whether some byte is not mapped, whether any is a shared map of a
+ * file (which MS_SYNC syncs), whether any is mlock()ed, and whether a
+ * shared map of a file comes before the first locked one. */
+typedef struct {
+    int gap, shared_file, locked, shared_file_before_lock;
+} span_facts;
 
-    if (smaps == NULL)
+static int
+read_span_facts(uintptr_t lo, uintptr_t hi, span_facts *out)
+{
+    proc_source src = {open("/proc/self/smaps", O_RDONLY | O_CLOEXEC), 0};
+    line_reader reader;
+    char *buf, *line;
+    size_t len;
+    uintptr_t next = lo;
+    int cut, rc, inside = 0, current_shared_file = 0, seen_shared_file = 0;
+
+    memset(out, 0, sizeof(*out));
+    if (src.fd < 0)
         return -1;
-    while (fgets(line, sizeof(line), smaps) != NULL) {
-        unsigned long start, end;
-        int starts_line = whole;
-        whole = strchr(line, '\n') != NULL;
-        if (!starts_line)
-            continue;
-        if (sscanf(line, "%lx-%lx ", &start, &end) == 2
-            && strchr(line, '-') < strchr(line, ' ')) {
-            inside = start < hi && lo < end;
+    buf = malloc(8192);
+    if (buf == NULL) {
+        close(src.fd);
+        return -1;
+    }
+    line_reader_init(&reader, buf, 8192, proc_read, &src);
+    while ((rc = line_next(&reader, &line, &len, &cut)) == 1) {
+        maps_line m;
+        if (parse_maps_line(line, len, &m)) {
+            if (m.end <= lo) {
+                inside = 0;
+                continue;
+            }
+            if (m.start >= hi)
+                break;
+            if (m.start > next)
+                out->gap = 1;
+            next = m.end;
+            seen_shared_file |= current_shared_file;
+            current_shared_file = m.shared && m.ino != 0;
+            out->shared_file |= current_shared_file;
+            inside = 1;
             continue;
         }
-        if (strncmp(line, "VmFlags:", 8) == 0) {
-            if (found < 0)
-                found = 0;
-            if (inside && strstr(line + 8, " lo") != NULL) {
-                found = 1;
-                break;
+        if (inside && len >= 8 && memcmp(line, "VmFlags:", 8) == 0) {
+            /* Two-letter flags, space-separated: "lo" is VM_LOCKED. */
+            const char *at = line + 8;
+            while ((at = strstr(at, " lo")) != NULL) {
+                if (at[3] == ' ' || at[3] == '\0') {
+                    if (!out->locked)
+                        out->shared_file_before_lock = seen_shared_file;
+                    out->locked = 1;
+                    break;
+                }
+                at += 3;
             }
         }
     }
-    fclose(smaps);
-    return found;
-}
-
-/* Whether every byte of [lo, hi) is mapped: 1, 0, or -1 if unknown. */
-static int
-span_mapped(uintptr_t lo, uintptr_t hi)
-{
-    uintptr_t at = lo;
-    while (at < hi) {
-        mapping_info m;
-        int rc = mapping_at(at, &m, NULL, 0);
-        if (rc == ENOENT)
-            return 0;
-        if (rc != 0 || m.end <= at)
-            return -1;
-        at = m.end;
-    }
-    return 1;
+    free(buf);
+    close(src.fd);
+    if (rc < 0)
+        return -1;
+    if (next < hi)
+        out->gap = 1;
+    return 0;
 }
 #endif
 
@@ -697,22 +796,33 @@ wb_is_bad_call(uintptr_t lo, uintptr_t hi, int flags, int err)
     /* msyncext has already checked what the caller controls: an aligned
      * start, valid flags, a pinned buffer. What the kernel still reports
      * is a failed write-back unless it can be shown to be one of the two
-     * bad calls left: MS_INVALIDATE over locked pages (EBUSY, before any
-     * write-back is tried), and a range that is not all mapped (ENOMEM).
-     * The block layer and FUSE use EBUSY and ENOMEM for failed writes too. */
+     * bad calls left: MS_INVALIDATE over locked pages (EBUSY) and a range
+     * that is not all mapped (ENOMEM). The block layer and FUSE use EBUSY
+     * and ENOMEM for failed writes too, and msync returns the first
+     * failure of a file it syncs before it looks further. So:
+     *   - EBUSY is the lock only where no shared map of a file comes
+     *     before the first locked mapping (MS_ASYNC syncs none);
+     *   - ENOMEM is the gap only where nothing in the range is a shared
+     *     map of a file (MS_ASYNC syncs none, and returns at the gap).
+     * Where either could be the file's, it is taken for the file's. */
     int invalidate = flags == (MS_SYNC | MS_INVALIDATE)
                      || flags == (MS_ASYNC | MS_INVALIDATE);
+    int async = flags == MS_ASYNC || flags == (MS_ASYNC | MS_INVALIDATE);
 #if defined(__linux__)
-    if (err == EBUSY && invalidate)
-        return span_locked(lo, hi) == 1;
-    if (err == ENOMEM)
-        return span_mapped(lo, hi) == 0;
-    return 0;
+    span_facts facts;
+    if ((err != EBUSY || !invalidate) && err != ENOMEM)
+        return 0;
+    if (read_span_facts(lo, hi, &facts) != 0)
+        return 0;  /* cannot say: a failed write-back */
+    if (err == EBUSY)
+        return facts.locked && (async || !facts.shared_file_before_lock);
+    return facts.gap && (async || !facts.shared_file);
 #else
     /* No way to look here: only the documented meaning of EBUSY is taken
      * for a bad call; anything else is a failed write-back. */
     (void)lo;
     (void)hi;
+    (void)async;
     return err == EBUSY && invalidate;
 #endif
 }

@@ -113,24 +113,10 @@
 #if !defined(SYS_close_range)
 #define SYS_close_range 436
 #endif
-#if !defined(SYS_openat2)
-#define SYS_openat2 437
-#endif
 #ifndef CLOSE_RANGE_UNSHARE
 #define CLOSE_RANGE_UNSHARE (1U << 1)
 #endif
 
-/* openat2(2)'s argument and flags (Linux 5.6; Debian 12's headers have
- * them, manylinux2014's do not). */
-struct msyncext_open_how {
-    uint64_t flags;
-    uint64_t mode;
-    uint64_t resolve;
-};
-#define MSYNCEXT_RESOLVE_NO_XDEV 0x01
-#define MSYNCEXT_RESOLVE_NO_MAGICLINKS 0x02
-#define MSYNCEXT_RESOLVE_NO_SYMLINKS 0x04
-#define MSYNCEXT_RESOLVE_BENEATH 0x08
 
 #define QUEUE_MAX 4096
 #define WAIT_NS (50 * 1000 * 1000LL)
@@ -293,57 +279,6 @@ under_lease(const batch_facts *facts, uint64_t dev, uint64_t ino)
     return 0;
 }
 
-/* The mount the mapping's path is on: the mount of the mapping's device
- * whose point is the longest prefix of path, visible (nothing mounted on
- * top of it); NULL if there is none. (A btrfs snapshot that root mounts
- * over the mapped file's directory after the file was mapped shows a file
- * of the same inode number there, and is not told apart.) */
-static const mount_entry *
-mount_of_path(const mount_table *t, uint64_t dev, const char *path,
-              size_t *point_len)
-{
-    const mount_entry *best = NULL;
-    size_t best_len = 0, i;
-
-    for (i = 0; i < t->len; i++) {
-        const mount_entry *m = &t->items[i];
-        size_t n;
-        if (m->dev != dev || m->point == NULL)
-            continue;
-        n = strlen(m->point);
-        if (n == 1 && m->point[0] == '/')
-            n = 0;  /* "/": every path is below it */
-        else if (strncmp(m->point, path, n) != 0
-                 || (path[n] != '/' && path[n] != '\0'))
-            continue;
-        if (best == NULL || n >= best_len) {
-            best = m;  /* later lines are mounted later: on top */
-            best_len = n;
-        }
-    }
-    if (best == NULL)
-        return NULL;
-    /* Another mount on the same point, on top of it, hides it. */
-    for (i = 0; i < t->len; i++) {
-        const mount_entry *m = &t->items[i];
-        if (m->parent == best->id && m->point != NULL
-            && strcmp(m->point, best->point) == 0)
-            return NULL;
-    }
-    *point_len = best_len;
-    return best;
-}
-
-static int
-openat2_path(int dirfd, const char *path, uint64_t flags, uint64_t resolve)
-{
-    struct msyncext_open_how how;
-    memset(&how, 0, sizeof(how));
-    how.flags = flags;
-    how.resolve = resolve;
-    return (int)syscall(SYS_openat2, dirfd, path, &how, sizeof(how));
-}
-
 /* The mapped file itself, open for reading, or -1: see the rule above.
  * *stacked is set for an overlayfs view of it. */
 static int
@@ -352,48 +287,22 @@ open_mapped_file(const request *r, const batch_facts *facts, int *stacked)
     const mount_entry *m;
     char proc_path[64];
     struct stat st;
-    size_t point_len;
-    const char *rest;
-    int top, where = -1, fd = -1;
+    int where, fd = -1;
 
     *stacked = 0;
-    if (!facts->have_mounts || r->path[0] != '/')
+    if (!facts->have_mounts || under_lease(facts, r->dev, r->ino))
         return -1;
-    m = mount_of_path(&facts->mounts, r->dev, r->path, &point_len);
-    if (m == NULL || m->kind == MOUNT_CLOSE_WORKS)
-        return -1;  /* FUSE, NFS, ...: left alone, not even looked up */
-    if (under_lease(facts, r->dev, r->ino))
+    where = open_on_mount(&facts->mounts, r->dev, r->path, 0, &m);
+    if (where < 0)
         return -1;
-    /* From the root of that mount, never leaving it (a file system mounted
-     * on a directory on the way, a hung FUSE server's say, is never
-     * entered) and following no symlink: the maps print real paths. */
-    top = openat2_path(AT_FDCWD, point_len == 0 ? "/" : m->point,
-                       O_PATH | O_CLOEXEC,
-                       MSYNCEXT_RESOLVE_NO_SYMLINKS);
-    if (top < 0)
-        return -1;
-    if (mount_id_of(top) != m->id)
-        goto done;  /* something else is there now */
-    rest = r->path + point_len;
-    while (*rest == '/')
-        rest++;
-    if (*rest == '\0')
-        where = dup_cloexec(top);  /* a file bound onto a point itself */
-    else
-        where = openat2_path(top, rest, O_PATH | O_NOFOLLOW | O_CLOEXEC,
-                             MSYNCEXT_RESOLVE_NO_XDEV
-                                 | MSYNCEXT_RESOLVE_NO_SYMLINKS
-                                 | MSYNCEXT_RESOLVE_BENEATH);
-    if (where < 0 || stat_fd(where, &st) != 0 || !S_ISREG(st.st_mode)
-        || (uint64_t)st.st_ino != r->ino)
-        goto done;
-    *stacked = m->kind == MOUNT_OVERLAY;
-    snprintf(proc_path, sizeof(proc_path), "/proc/thread-self/fd/%d", where);
-    fd = open(proc_path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
-done:
-    if (where >= 0)
-        close(where);
-    close(top);
+    if (stat_fd(where, &st) == 0 && S_ISREG(st.st_mode)
+        && (uint64_t)st.st_ino == r->ino) {
+        *stacked = m->fs == FS_OVERLAY;
+        snprintf(proc_path, sizeof(proc_path), "/proc/thread-self/fd/%d",
+                 where);
+        fd = open(proc_path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+    }
+    close(where);
     return fd;
 }
 
@@ -469,7 +378,7 @@ copy_is_inert(int fd, const mount_table *t, char *why, size_t why_size)
     for (i = 0; id >= 0 && i < t->len; i++) {
         if (t->items[i].id != id)
             continue;
-        if (t->items[i].kind != MOUNT_CLOSE_WORKS)
+        if (t->items[i].kind == MOUNT_PLAIN)
             return 1;
         snprintf(why, why_size,
                  "descriptor %d is on a file system whose close writes back "

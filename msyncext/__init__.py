@@ -74,7 +74,18 @@ class WritebackError(OSError):
     for the file. ``errno`` is the first failure's.
     """
 
+    #: True when this file is refused because msyncext cannot tell it apart
+    #: from a failed file (or cannot look it up), not because it failed.
+    unsure: bool = False
+
     def __str__(self) -> str:
+        if self.unsure:
+            return (
+                f"{super().__str__()}: msyncext will not report success for "
+                "this file while it may be the one whose write-back failed. "
+                "If it is not, msyncext.clear_writeback_error(buf) lifts the "
+                "refusal for this file only."
+            )
         return (
             f"{super().__str__()}: write-back of this file failed; data "
             "written to it before the failure may be lost (the kernel reports "
