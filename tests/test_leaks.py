@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from blockdev import c_library
 from conftest import BadIndex, Index
 
 import msyncext
@@ -289,7 +290,7 @@ NOISY = {"ctypes-chain": 8}
 
 def _lock(m: mmap.mmap) -> tuple[Callable[[], None], int]:
     """mlock the map; returns its unlock and the address."""
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = c_library()
     anchor = ctypes.c_char.from_buffer(m)
     address = ctypes.addressof(anchor)
     del anchor  # release the export at once
