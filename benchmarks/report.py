@@ -1,13 +1,18 @@
-"""Make the README's performance tables from saved runs of run.py --json.
+"""Make the benchmark tables and the README's summary from runs of run.py --json.
 
-    python benchmarks/report.py RUN.json [RUN.json ...]            # print
-    python benchmarks/report.py RUN.json ... --update README.md    # rewrite
-    python benchmarks/report.py --check README.md     # exit 1 if stale
+    python benchmarks/report.py RUN.json [RUN.json ...]            # print the tables
+    python benchmarks/report.py RUN.json ... --update benchmarks/README.md README.md
+    python benchmarks/report.py --check benchmarks/README.md README.md  # 1 if stale
 
-The tables go between the README's bench-table markers, whose start names the
-runs. Per-call, batch and volume figures come from the first run with the
-GIL; the convoy, the log and the big writer (B2, B7, B9) are shown for every
-run given, with B9's goal checks (issue 15) from its figures.
+A file holds blocks between markers, whose start names the runs it was made
+from: ``bench-table`` (every table: benchmarks/README.md) or
+``bench-summary`` (a few lines of figures and ratios: the README). --update
+rewrites every block of the files given from the runs given (or, with no
+runs, from the runs each block names); --check fails if any block differs
+from what its runs make. Per-call, batch and volume figures come from the
+first run with the GIL; the convoy, the log and the big writer (B2, B7, B9)
+are shown for every run given, with B9's goal checks (issue 15) from its
+figures.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ import re
 import sys
 from typing import Any
 
-START, END = "<!-- bench-table:start", "<!-- bench-table:end -->"
-BLOCK = re.compile(re.escape(START) + "(.*?)-->.*?" + re.escape(END), re.S)
+# <!-- bench-KIND:start RUN.json ... --> generated text <!-- bench-KIND:end -->
+BLOCK = re.compile(
+    r"<!-- bench-(table|summary):start(.*?)-->.*?<!-- bench-\1:end -->", re.S
+)
 # Rows: cells split by " | ". <SPEC KEY> is a figure, <SPEC KEY / KEY> the ratio of
 # two; SPEC is a format spec, or t (a time in ns, in the unit that reads best), us
 # and ms (the same from us and ms), g. {p} and {l} are filled in first. A cell
@@ -94,6 +101,62 @@ B9 = (
 # B9's contenders the goal names: as b9_big_writer.py names them
 B9_FINAL, B9_NEW = "final MS_SYNC only", "MS_ASYNC per chunk, final MS_SYNC"
 
+# The README's summary: (which run, scenario, line). "gil" is the first run
+# with the GIL, "free" the first without; {python} names the run's build. A
+# line whose run or figures are missing is left out.
+B7_MINE, B7_MMAP = "beside CPU, msyncext.flush", "beside CPU, m.flush, aligned by hand"
+B9_MMAP_NEW, B9_MMAP_FINAL = f"mmap, {B9_NEW}: ", f"mmap, {B9_FINAL}: "
+SUMMARY = [
+    (
+        "gil",
+        "B1",
+        "- One call, no I/O (B1): `flush` <t tmpfs: msyncext.flush(m, 0, PAGE) [ns]>, "
+        "`mmap.flush` <t tmpfs: m.flush(0, PAGE) [ns]>, a ctypes `msync` <t tmpfs: "
+        "ctypes msync(addr, PAGE, MS_SYNC) [ns]>. On ext4 each call waits about <t "
+        "disk: msyncext.flush(m, 0, PAGE) [ns]> for a device cache flush.",
+    ),
+    (
+        "gil",
+        "B4",
+        "- 256 scattered dirty pages of a 64 MiB file (B4): one `flush_ranges` call "
+        "<.3g flush_ranges(m, pairs) [ms]> ms, a loop of `mmap.flush` <.3g loop of "
+        "m.flush(off, n) [ms]> ms (<.1f loop of m.flush(off, n) [ms] / flush_ranges(m, "
+        "pairs) [ms]>x faster).",
+    ),
+    (
+        "gil",
+        "B3",
+        "- 8 threads, each flushing a file of its own (B3): <.1f 8 threads, "
+        "msyncext.flush [flushes/s] / 8 threads, mmap.flush [flushes/s]>x the rate "
+        "of `mmap.flush`.",
+    ),
+    (
+        "gil",
+        "B7",
+        "- A log committing beside a CPU-bound thread (B7, {python}): <,.0f "
+        f"{B7_MINE} [commits/s]> commits/s with msyncext, and the CPU thread "
+        f"keeps <.0f {B7_MINE}, CPU thread [% of alone]> % of its speed; with "
+        f"`mmap.flush` <,.0f {B7_MMAP} [commits/s]> commits/s and <.0f {B7_MMAP}, "
+        "CPU thread [% of alone]> %.",
+    ),
+    (
+        "free",
+        "B7",
+        "  On {python}, no GIL to wait for: <,.0f "
+        f"{B7_MINE} [commits/s]> commits/s with msyncext, the CPU thread <.0f "
+        f"{B7_MINE}, CPU thread [% of alone]> %.",
+    ),
+    (
+        "gil",
+        "B9",
+        "- 2 GiB written through an mmap (B9): with `MS_ASYNC` per chunk and one "
+        f"final `MS_SYNC`, <.3g {B9_MMAP_NEW}total [s]> s in all and a final sync of "
+        f"<ms {B9_MMAP_NEW}final sync stall [ms]>, against <.3g {B9_MMAP_FINAL}total "
+        f"[s]> s and <ms {B9_MMAP_FINAL}final sync stall [ms]> with the final "
+        "`MS_SYNC` alone.",
+    ),
+]
+
 
 def b9_notes(b9: dict[str, Any], build: str) -> list[str]:
     """The run's set-up, and issue 15's goal for the write-out call, per writer:
@@ -155,6 +218,16 @@ def fmt(spec: str, x: float) -> str:
                 return f"{x / scale:.3g} {unit}"
         return f"{x:.0f} ns"
     return format(x, (".3g" if x < 1000 else ",.0f") if spec == "g" else spec)
+
+
+def fill(text: str, figures: dict[str, Any]) -> str:
+    """``text`` with its figures filled in; KeyError if one was not measured."""
+
+    def figure(m: re.Match[str]) -> str:
+        a, _, b = m[2].partition(" / ")
+        return fmt(m[1], figures[a] / figures[b] if b else figures[a])
+
+    return FIGURE.sub(figure, text)
 
 
 def row(template: str, figures: dict[str, Any], p: str = "", label: str = "") -> str:
@@ -225,38 +298,86 @@ def render(docs: list[dict[str, Any]]) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def summary(docs: list[dict[str, Any]]) -> str:
+    """The README's few lines: figures and ratios, and where they come from."""
+    runs = {
+        "gil": next((d for d in docs if d["machine"]["gil_enabled"]), None),
+        "free": next((d for d in docs if not d["machine"]["gil_enabled"]), None),
+    }
+    out = []
+    for which, scenario, text in SUMMARY:
+        if (doc := runs[which]) is None:
+            continue
+        text = text.replace("{python}", doc["machine"]["python"])
+        try:
+            out.append(fill(text, doc["results"].get(scenario, {})))
+        except KeyError:
+            continue
+    m = docs[0]["machine"]
+    dates = ", ".join(dict.fromkeys(d["machine"]["date"][:10] for d in docs))
+    builds = " and ".join(d["machine"]["python"] for d in docs)
+    out.append(
+        f"\nMeasured with {builds} ({dates}; {m['kernel']}, {m['cpu']}, "
+        f"disk {m['disk']})."
+    )
+    return "\n".join(out) + "\n"
+
+
+RENDER = {"table": render, "summary": summary}
+
+
+def load(paths: list[str]) -> list[dict[str, Any]]:
+    docs = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            docs.append(json.load(f))
+    return docs
+
+
+def regenerate(text: str, runs: list[str]) -> str:
+    """``text`` with every block made anew, from ``runs`` or the runs it names."""
+
+    def block(m: re.Match[str]) -> str:
+        kind, named = m[1], runs or m[2].split()
+        made = RENDER[kind](load(named))
+        start = f"<!-- bench-{kind}:start {' '.join(named)} -->"
+        return f"{start}\n{made}<!-- bench-{kind}:end -->"
+
+    return BLOCK.sub(block, text)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="*", help="JSON files written by run.py --json")
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--update", metavar="README", help="rewrite its tables")
-    mode.add_argument("--check", metavar="README", help="exit 1 if they are stale")
+    mode.add_argument("--update", metavar="FILE", nargs="+", help="rewrite its blocks")
+    mode.add_argument("--check", metavar="FILE", nargs="+", help="1 if any is stale")
     args = ap.parse_args()
-    readme, text = args.update or args.check, ""
-    if readme:
-        with open(readme, encoding="utf-8") as f:
-            text = f.read()
-        if not (found := BLOCK.search(text)):
-            sys.exit(f"{readme} has no {START} ... {END} block")
-        args.runs = args.runs or found[1].split()  # the runs it was made from
-    if not args.runs:
-        ap.error("name the JSON files of the runs")
-    docs = []
-    for path in args.runs:
-        with open(path, encoding="utf-8") as f:
-            docs.append(json.load(f))
-    block = f"{START} {' '.join(args.runs)} -->\n{render(docs)}{END}"
-    if not readme:
-        print(block)
+    files = args.update or args.check
+    if not files:
+        if not args.runs:
+            ap.error("name the JSON files of the runs")
+        print(render(load(args.runs)), end="")
         return 0
-    new = BLOCK.sub(lambda _: block, text)
-    if args.check:
-        if new != text:
-            print(f"{readme} is stale: run report.py --update", file=sys.stderr)
-        return int(new != text)
-    with open(readme, "w", encoding="utf-8") as f:
-        f.write(new)
-    return 0
+    if args.check and args.runs:
+        ap.error("--check regenerates each block from the runs it names")
+    stale = 0
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if not BLOCK.search(text):
+            sys.exit(
+                f"{path} has no <!-- bench-table:start ... --> or bench-summary block"
+            )
+        new = regenerate(text, args.runs)
+        if args.check:
+            if new != text:
+                print(f"{path} is stale: run report.py --update", file=sys.stderr)
+                stale = 1
+            continue
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(new)
+    return stale
 
 
 if __name__ == "__main__":

@@ -220,19 +220,28 @@ parse_mountinfo_line(const char *line, size_t len, mountinfo_line *out)
     if (id > INT32_MAX || major > UINT32_MAX || minor > UINT32_MAX)
         return 0;
     (void)parent;
-    /* root, mount point, options, optional fields..., "-", fstype */
+    /* root, mount point, options, optional fields..., "-", fstype, source,
+     * super options */
+    if (!field(&c, &out->root, &out->root_len)
+        || !field(&c, &out->mount_point, &out->mount_point_len))
+        return 0;
     for (;;) {
         if (!field(&c, &tok, &tok_len))
             return 0;
         if (tok_len == 1 && tok[0] == '-')
             break;
     }
-    if (!field(&c, &tok, &tok_len))
+    if (!field(&c, &out->fstype, &out->fstype_len))
         return 0;
+    if (!field(&c, &tok, &tok_len)) {
+        out->super_options = c.at;
+        out->super_options_len = 0;
+    }
+    else if (!field(&c, &out->super_options, &out->super_options_len)) {
+        out->super_options_len = 0;
+    }
     out->mount_id = (int)id;
     out->dev = (major << 32) | minor;
-    out->fstype = tok;
-    out->fstype_len = tok_len;
     return 1;
 }
 

@@ -1,12 +1,16 @@
 /*
  * Which file is mapped at an address: the mapping (VMA) that covers it,
- * with the file's device, inode and, on request, its path.
+ * with the file's device, inode and, on request, its path; and what can be
+ * learnt of that file without opening it (its file handle, whether its file
+ * system numbers inodes per subvolume).
  *
  * The write-back record and the write-out queue both need this, without
  * the GIL and without Python. Linux 6.11+ answers one address in about a
  * microsecond with the PROCMAP_QUERY ioctl on an open /proc/self/maps,
  * whatever the number of mappings; older kernels answer ENOTTY and the
- * file is parsed instead (O(mappings)). Other systems have neither.
+ * file is parsed instead (O(mappings)), line by line through lines.c,
+ * which never writes past its buffer whatever the kernel prints. Other
+ * systems have neither.
  *
  * One descriptor of /proc/self/maps is opened when the module is first
  * loaded and kept: a failure may come when the process has no descriptor
@@ -175,125 +179,94 @@ maps_atfork_child(void)
     __atomic_store_n(&maps_fd, open_maps(), __ATOMIC_RELEASE);
 }
 
-/* Copy the path from the end of a /proc/self/maps line. */
-static void
-copy_name(const char *text, char *name, size_t name_size)
+/* Bytes of a /proc file for lines.c, from a descriptor and a position. */
+typedef struct {
+    int fd;
+    off_t pos;
+} proc_source;
+
+static ssize_t
+read_proc(void *ctx, char *dst, size_t n)
 {
-    size_t n;
-
-    if (name == NULL || name_size == 0)
-        return;
-    while (*text == ' ' || *text == '\t')
-        text++;
-    n = strcspn(text, "\n");
-    if (n >= name_size)
-        n = name_size - 1;
-    memcpy(name, text, n);
-    name[n] = '\0';
-}
-
-/* Parse the line describing the mapping that covers addr out of a text
- * holding whole lines. 1 found, 0 not in this text. */
-static int
-find_in_lines(const char *text, uintptr_t addr, mapping_info *out,
-              char *name, size_t name_size)
-{
-    const char *line = text;
-
-    while (*line != '\0') {
-        unsigned long lo, hi, off, ino;
-        unsigned int major, minor;
-        char perms[5];
-        int used = 0;
-        const char *next = strchr(line, '\n');
-
-        if (sscanf(line, "%lx-%lx %4s %lx %x:%x %lu%n", &lo, &hi, perms,
-                   &off, &major, &minor, &ino, &used) == 7
-            && addr >= lo && addr < hi) {
-            out->start = lo;
-            out->end = hi;
-            out->offset = off;
-            out->ino = ino;
-            out->dev = ((uint64_t)major << 32) | minor;
-            out->shared = perms[3] == 's';
-            copy_name(line + used, name, name_size);
-            return 1;
+    proc_source *src = ctx;
+    for (;;) {
+        ssize_t got = pread(src->fd, dst, n, src->pos);
+        if (got >= 0) {
+            src->pos += got;
+            return got;
         }
-        if (next == NULL)
-            break;
-        line = next + 1;
+        if (errno != EINTR)
+            return -1;
     }
-    return 0;
 }
+
+/* Lines longer than this are handed out cut: their fields all fit, and a
+ * name that does not is reported as cut (never a prefix taken for it). */
+enum { PARSE_BUFFER = 8192, PATH_SIZE = 4096 + 64 };
 
 /* The parse, for kernels without PROCMAP_QUERY. A fresh descriptor, so
  * that no lock is shared between threads; if none is free, the kept one
- * under a lock (its file position is shared). */
+ * under a lock (preads of it need no shared position, the lock only
+ * keeps a reopen from closing it meanwhile). */
 static pthread_mutex_t parse_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static int
 parse_mapping_at(uintptr_t addr, mapping_info *out, char *name,
                  size_t name_size)
 {
-    /* Lines are at most a path (4096) plus ~80 bytes. */
-    enum { CHUNK = 16384, LINE_MAX_ = 4300 };
-    char *buf;
-    int fd = open_maps(), shared_fd = 0, found = 0, err = 0;
-    size_t have = 0;
-    off_t pos = 0;
+    proc_source src = {open_maps(), 0};
+    int shared_fd = 0, found = 0, err = 0, rc, cut;
+    line_reader reader;
+    char *buf, *line;
+    size_t len;
 
-    if (fd < 0) {
+    if (src.fd < 0) {
         /* Never ENOENT, which callers take for "nothing mapped there". */
         int why = errno == ENOENT || errno == 0 ? ENOSYS : errno;
-        fd = __atomic_load_n(&maps_fd, __ATOMIC_ACQUIRE);
-        if (fd < 0)
+        src.fd = __atomic_load_n(&maps_fd, __ATOMIC_ACQUIRE);
+        if (src.fd < 0)
             return why;
         shared_fd = 1;
         pthread_mutex_lock(&parse_lock);
     }
-    buf = malloc(CHUNK + LINE_MAX_ + 1);
+    buf = malloc(PARSE_BUFFER);
     if (buf == NULL) {
         err = ENOMEM;
         goto done;
     }
-    for (;;) {
-        ssize_t got = pread(fd, buf + have, CHUNK, pos);
-        char *last;
-        if (got < 0) {
-            if (errno == EINTR)
-                continue;
-            err = errno == ENOENT ? EIO : errno;
-            break;
-        }
-        pos += got;
-        have += (size_t)got;
-        buf[have] = '\0';
-        if (got == 0) {
-            found = find_in_lines(buf, addr, out, name, name_size);
-            break;
-        }
-        /* Search the whole lines; keep the partial last one. */
-        last = strrchr(buf, '\n');
-        if (last == NULL) {
-            if (have >= LINE_MAX_) {
-                have = 0;  /* a line longer than any path: skip it */
-            }
+    line_reader_init(&reader, buf, PARSE_BUFFER, read_proc, &src);
+    while ((rc = line_next(&reader, &line, &len, &cut)) == 1) {
+        maps_line m;
+        if (!parse_maps_line(line, len, &m))
+            continue;  /* a cut line whose fields did not fit, or garbage */
+        if (addr < m.start)
+            break;  /* the lines come in address order: it is not mapped */
+        if (addr >= m.end)
             continue;
+        out->start = m.start;
+        out->end = m.end;
+        out->offset = m.offset;
+        out->ino = m.ino;
+        out->dev = m.dev;
+        out->shared = m.shared;
+        out->name_cut = 0;
+        if (name != NULL && name_size > 0
+            && (cut || unescape_name(m.name, m.name_len, name, name_size)
+                           == (size_t)-1)) {
+            name[0] = '\0';
+            out->name_cut = 1;
         }
-        *last = '\0';
-        if (find_in_lines(buf, addr, out, name, name_size)) {
-            found = 1;
-            break;
-        }
-        have -= (size_t)(last + 1 - buf);
-        memmove(buf, last + 1, have);
+        found = 1;
+        break;
     }
+    if (rc < 0)
+        err = reader.err == ENOENT ? EIO : reader.err;
     free(buf);
 done:
     if (shared_fd)
         pthread_mutex_unlock(&parse_lock);
     else
-        close(fd);
+        close(src.fd);
     if (err != 0)
         return err;
     return found ? 0 : ENOENT;
@@ -304,20 +277,36 @@ query_mapping_at(int fd, uintptr_t addr, mapping_info *out, char *name,
                  size_t name_size)
 {
     struct msyncext_procmap_query q;
+    int named = name != NULL && name_size > 0;
 
     memset(&q, 0, sizeof(q));
     q.size = sizeof(q);
     q.query_addr = (uint64_t)addr;
-    if (name != NULL && name_size > 0) {
+    if (named) {
         q.vma_name_addr = (uint64_t)(uintptr_t)name;
         q.vma_name_size = (uint32_t)(name_size > UINT32_MAX ? UINT32_MAX
                                                             : name_size);
         name[0] = '\0';
     }
-    if (ioctl(fd, MSYNCEXT_PROCMAP_QUERY, &q) != 0)
-        return errno;
-    if (name != NULL && name_size > 0)
+    out->name_cut = 0;
+    if (ioctl(fd, MSYNCEXT_PROCMAP_QUERY, &q) != 0) {
+        /* The kernel writes a path into at most PATH_MAX bytes: a longer
+         * one fails the whole query. The file is still the mapping's, and
+         * its device and inode are had without the name. */
+        if (!named || errno != ENAMETOOLONG)
+            return errno;
+        memset(&q, 0, sizeof(q));
+        q.size = sizeof(q);
+        q.query_addr = (uint64_t)addr;
+        if (ioctl(fd, MSYNCEXT_PROCMAP_QUERY, &q) != 0)
+            return errno;
+        name[0] = '\0';
+        out->name_cut = 1;
+    }
+    else if (named) {
         NAME_WRITTEN(name, q.vma_name_size);
+        name[name_size - 1] = '\0';
+    }
     out->start = (uintptr_t)q.vma_start;
     out->end = (uintptr_t)q.vma_end;
     out->offset = q.vma_offset;
@@ -374,6 +363,327 @@ mapping_at(uintptr_t addr, mapping_info *out, char *name, size_t name_size)
     return err;
 }
 
+/* ------------------------------------------------------------------------
+ * What can be learnt of a mapped file without opening it
+ */
+
+/* Where the mounts say which device each file system is: the superblock's
+ * device of a mount, and the type of the file system on a device. */
+typedef struct {
+    uint64_t dev_of_mount;   /* 0: that mount was not found */
+    char fstype[32];         /* "": no mount of that device was found */
+} mount_facts;
+
+static int
+read_mounts(int mount_id, uint64_t dev, mount_facts *out)
+{
+    proc_source src = {open("/proc/self/mountinfo", O_RDONLY | O_CLOEXEC), 0};
+    line_reader reader;
+    char *buf, *line;
+    size_t len;
+    int cut, rc;
+
+    out->dev_of_mount = 0;
+    out->fstype[0] = '\0';
+    if (src.fd < 0)
+        return errno;
+    buf = malloc(PARSE_BUFFER);
+    if (buf == NULL) {
+        close(src.fd);
+        return ENOMEM;
+    }
+    line_reader_init(&reader, buf, PARSE_BUFFER, read_proc, &src);
+    while ((rc = line_next(&reader, &line, &len, &cut)) == 1) {
+        mountinfo_line m;
+        if (!parse_mountinfo_line(line, len, &m))
+            continue;
+        if (mount_id >= 0 && m.mount_id == mount_id)
+            out->dev_of_mount = m.dev;
+        if (m.dev == dev && out->fstype[0] == '\0'
+            && m.fstype_len < sizeof(out->fstype)) {
+            memcpy(out->fstype, m.fstype, m.fstype_len);
+            out->fstype[m.fstype_len] = '\0';
+        }
+    }
+    free(buf);
+    close(src.fd);
+    return rc < 0 ? reader.err : 0;
+}
+
+/* File systems whose files do work when ANY descriptor of them is closed
+ * (their f_op->flush): FUSE writes the file back, waits and sends its
+ * server a FLUSH (and clears the errors a later close() would report);
+ * NFS, SMB, Ceph, 9p, OrangeFS, AFS and Coda write back or talk to their
+ * server; eCryptfs passes the close on to the file below. */
+static int
+closing_does_work(const char *fstype, size_t len)
+{
+    static const char *const types[] = {
+        "fuse", "fuseblk", "nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph",
+        "9p", "orangefs", "afs", "coda", "ecryptfs", NULL,
+    };
+    size_t i;
+    if (len >= 5 && memcmp(fstype, "fuse.", 5) == 0)
+        return 1;  /* fuse.sshfs, fuse.errfs, ... */
+    for (i = 0; types[i] != NULL; i++) {
+        if (strlen(types[i]) == len && memcmp(types[i], fstype, len) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+int
+mounts_closing_does_work(int *ids, size_t max, size_t *n)
+{
+    proc_source src = {open("/proc/self/mountinfo", O_RDONLY | O_CLOEXEC), 0};
+    line_reader reader;
+    char *buf, *line;
+    size_t len;
+    int cut, rc;
+
+    *n = 0;
+    if (src.fd < 0)
+        return errno;
+    buf = malloc(PARSE_BUFFER);
+    if (buf == NULL) {
+        close(src.fd);
+        return ENOMEM;
+    }
+    line_reader_init(&reader, buf, PARSE_BUFFER, read_proc, &src);
+    while ((rc = line_next(&reader, &line, &len, &cut)) == 1) {
+        mountinfo_line m;
+        if (parse_mountinfo_line(line, len, &m)
+            && closing_does_work(m.fstype, m.fstype_len)) {
+            if (*n == max) {
+                rc = E2BIG;
+                break;
+            }
+            ids[(*n)++] = m.mount_id;
+        }
+    }
+    free(buf);
+    close(src.fd);
+    return rc == E2BIG ? E2BIG : rc < 0 ? reader.err : 0;
+}
+
+int
+inodes_ambiguous(uint64_t dev)
+{
+    mount_facts facts;
+
+    /* btrfs and bcachefs number inodes per subvolume, and every subvolume
+     * shows the superblock's device in the maps. A device no mount shows
+     * (a file system mounted in another namespace, an overlay's upper
+     * layer seen from a container) could be one of those. */
+    if (read_mounts(-1, dev, &facts) != 0 || facts.fstype[0] == '\0')
+        return 1;
+    return strcmp(facts.fstype, "btrfs") == 0
+           || strcmp(facts.fstype, "bcachefs") == 0;
+}
+
+static int
+lstat_path(const char *path, struct stat *st)
+{
+#if defined(RAW_STAT)
+    return syscall(SYS_newfstatat, AT_FDCWD, path, st, AT_SYMLINK_NOFOLLOW)
+                   == 0
+               ? 0
+               : errno;
+#else
+    return lstat(path, st) == 0 ? 0 : errno;
+#endif
+}
+
+typedef struct {
+    struct file_handle fh;
+    unsigned char bytes[ID_HANDLE_MAX];
+} handle_buffer;
+
+static int
+take_handle(const char *path, handle_buffer *h, int *mount_id)
+{
+    h->fh.handle_bytes = ID_HANDLE_MAX;
+    return name_to_handle_at(AT_FDCWD, path, &h->fh, mount_id, 0) == 0;
+}
+
+int
+handle_by_path(const char *path, file_id *id)
+{
+    handle_buffer first, again;
+    int mount_first, mount_again;
+    struct stat st;
+
+    id->handle_type = -1;
+    if (path == NULL || path[0] != '/')
+        return 0;
+    /* Handle, stat, handle: if the path named another file in between,
+     * the two handles differ. Nothing is opened (no FIFO can block, no lock
+     * can be released) and a final symlink is not followed. */
+    if (!take_handle(path, &first, &mount_first)
+        || lstat_path(path, &st) != 0 || !take_handle(path, &again, &mount_again)
+        || mount_first != mount_again
+        || first.fh.handle_type != again.fh.handle_type
+        || first.fh.handle_bytes != again.fh.handle_bytes
+        || first.fh.handle_bytes > ID_HANDLE_MAX
+        || memcmp(first.bytes, again.bytes, first.fh.handle_bytes) != 0)
+        return 0;
+    if (!S_ISREG(st.st_mode) || (uint64_t)st.st_ino != id->ino)
+        return 0;
+    /* The path must reach the mapping's inode on the mapping's superblock,
+     * not a view of it (an overlay's path names the overlay's inode; its
+     * handle would not be the mapped file's). stat() shows the
+     * superblock's device, except on btrfs subvolumes: there the mount
+     * says which superblock the path is on. */
+    if (dev_key(st.st_dev) != id->dev) {
+        mount_facts facts;
+        if (read_mounts(mount_first, 0, &facts) != 0
+            || facts.dev_of_mount != id->dev)
+            return 0;
+    }
+    id->handle_type = first.fh.handle_type;
+    id->handle_len = first.fh.handle_bytes;
+    memcpy(id->handle, first.bytes, first.fh.handle_bytes);
+    return 1;
+}
+
+/* ------------------------------------------------------------------------
+ * overlayfs views
+ *
+ * A file mapped through an overlay mount shows the overlay's device and
+ * path (and, with all layers on one file system, the real inode's number),
+ * while the pages and their write-back belong to the real file in the
+ * upper layer, which the same process may map through the upper directory
+ * too. The real file is found where the overlay's mount says its upper
+ * layer is: upperdir, plus the path below the mount point.
+ */
+
+typedef struct {
+    uint64_t dev;
+    const char *path;
+    size_t best;             /* length of the longest mount point matched */
+    char upper[PATH_SIZE];   /* upperdir + the mount's root, unescaped */
+} view_search;
+
+/* The value of name= among comma-separated, escaped options, unescaped into
+ * dst: 1 found, 0 not. */
+static int
+option_value(const char *opts, size_t len, const char *name, char *dst,
+             size_t dst_size)
+{
+    size_t name_len = strlen(name), at = 0;
+
+    while (at < len) {
+        const char *comma = memchr(opts + at, ',', len - at);
+        size_t end = comma != NULL ? (size_t)(comma - opts) : len;
+        if (end - at > name_len && memcmp(opts + at, name, name_len) == 0
+            && opts[at + name_len] == '=')
+            return unescape_name(opts + at + name_len + 1,
+                                 end - at - name_len - 1, dst, dst_size)
+                   != (size_t)-1;
+        at = end + 1;
+    }
+    return 0;
+}
+
+static void
+consider_overlay(view_search *v, const mountinfo_line *m)
+{
+    char point[PATH_SIZE], root[PATH_SIZE], upper[PATH_SIZE];
+    size_t n, path_len = strlen(v->path);
+
+    if (m->dev != v->dev || m->fstype_len != 7
+        || memcmp(m->fstype, "overlay", 7) != 0)
+        return;
+    n = unescape_name(m->mount_point, m->mount_point_len, point, sizeof(point));
+    if (n == (size_t)-1 || n > path_len || memcmp(point, v->path, n) != 0
+        || (n > 1 && v->path[n] != '/' && v->path[n] != '\0'))
+        return;
+    if (n == 1)
+        n = 0;  /* mounted at "/": the whole path is below it */
+    if (n < v->best && v->best != (size_t)-1)
+        return;
+    if (unescape_name(m->root, m->root_len, root, sizeof(root)) == (size_t)-1
+        || !option_value(m->super_options, m->super_options_len, "upperdir",
+                         upper, sizeof(upper)))
+        return;
+    if (snprintf(v->upper, sizeof(v->upper), "%s%s", upper,
+                 strcmp(root, "/") == 0 ? "" : root)
+        >= (int)sizeof(v->upper))
+        return;
+    v->best = n;
+}
+
+int
+resolve_view(const char *path, file_id *id)
+{
+    proc_source src = {-1, 0};
+    view_search v;
+    line_reader reader;
+    char *buf, *line, *real;
+    size_t len;
+    int cut, rc, found = 0;
+    struct stat st;
+
+    if (path == NULL || path[0] != '/')
+        return 0;
+    v.dev = id->dev;
+    v.path = path;
+    v.best = (size_t)-1;
+    v.upper[0] = '\0';
+    src.fd = open("/proc/self/mountinfo", O_RDONLY | O_CLOEXEC);
+    if (src.fd < 0)
+        return 0;
+    buf = malloc(PARSE_BUFFER + PATH_SIZE);
+    if (buf == NULL) {
+        close(src.fd);
+        return 0;
+    }
+    real = buf + PARSE_BUFFER;
+    line_reader_init(&reader, buf, PARSE_BUFFER, read_proc, &src);
+    while ((rc = line_next(&reader, &line, &len, &cut)) == 1) {
+        mountinfo_line m;
+        if (!cut && parse_mountinfo_line(line, len, &m))
+            consider_overlay(&v, &m);
+    }
+    close(src.fd);
+    if (rc == 0 && v.best != (size_t)-1
+        && snprintf(real, PATH_SIZE, "%s%s", v.upper, path + v.best)
+               < PATH_SIZE
+        && lstat_path(real, &st) == 0 && S_ISREG(st.st_mode)
+        && (uint64_t)st.st_ino == id->ino) {
+        /* The upper file, on its own file system: its device is the one
+         * its mount shows (btrfs: not stat's), its handle its own. */
+        file_id upper_id;
+        upper_id.dev = dev_key(st.st_dev);
+        upper_id.ino = (uint64_t)st.st_ino;
+        upper_id.handle_type = -1;
+        upper_id.view = 0;
+        found = 1;
+        if (!handle_by_path(real, &upper_id)) {
+            handle_buffer h;
+            int mount_id;
+            mount_facts facts;
+            if (take_handle(real, &h, &mount_id)
+                && read_mounts(mount_id, 0, &facts) == 0
+                && facts.dev_of_mount != 0) {
+                upper_id.dev = facts.dev_of_mount;
+                handle_by_path(real, &upper_id);
+            }
+        }
+        *id = upper_id;
+    }
+    free(buf);
+    return found;
+}
+
+int
+is_overlay(uint64_t dev)
+{
+    mount_facts facts;
+    return read_mounts(-1, dev, &facts) == 0
+           && strcmp(facts.fstype, "overlay") == 0;
+}
+
 int
 maps_can_identify(void)
 {
@@ -425,6 +735,45 @@ const char *
 maps_method(void)
 {
     return "none";
+}
+
+int
+inodes_ambiguous(uint64_t dev)
+{
+    (void)dev;
+    return 1;
+}
+
+int
+mounts_closing_does_work(int *ids, size_t max, size_t *n)
+{
+    (void)ids;
+    (void)max;
+    *n = 0;
+    return ENOSYS;
+}
+
+int
+handle_by_path(const char *path, file_id *id)
+{
+    (void)path;
+    id->handle_type = -1;
+    return 0;
+}
+
+int
+resolve_view(const char *path, file_id *id)
+{
+    (void)path;
+    (void)id;
+    return 0;
+}
+
+int
+is_overlay(uint64_t dev)
+{
+    (void)dev;
+    return 0;
 }
 
 #endif

@@ -59,11 +59,13 @@ is_async(int flags)
 
 /* What the record says of [lo, hi), as a SYNC_* outcome. */
 static int
-recorded(uintptr_t lo, uintptr_t hi, int *err, int *why)
+recorded(uintptr_t lo, uintptr_t hi, wb_report *rep)
 {
-    switch (wb_check(lo, hi, err, why)) {
+    switch (wb_check(lo, hi, rep)) {
     case WB_FAILED:
         return SYNC_REFUSED;
+    case WB_UNSURE:
+        return SYNC_UNSURE;
     case WB_UNKNOWN:
         return SYNC_UNKNOWN;
     default:
@@ -71,22 +73,24 @@ recorded(uintptr_t lo, uintptr_t hi, int *err, int *why)
     }
 }
 
-/* msync one page span, honouring the failure record; for MS_ASYNC, start
- * the write-out too. No GIL needed. */
+/* msync one page span, honouring the failure record; for MS_ASYNC, queue
+ * the write-out too (*wait_for: the hand-over to wait for). rep->err is
+ * the errno of any outcome but SYNC_OK. No GIL needed. */
 static int
-sync_span(char *start, size_t length, int flags, int *err, int *why)
+sync_span(char *start, size_t length, int flags, wb_report *rep,
+          unsigned long long *wait_for)
 {
     uintptr_t lo = (uintptr_t)start, hi = lo + length;
     int outcome;
 
-    *why = 0;
-    if (wb_any() && (outcome = recorded(lo, hi, err, why)) != SYNC_OK)
+    rep->why = 0;
+    if (wb_any() && (outcome = recorded(lo, hi, rep)) != SYNC_OK)
         return outcome;
     if (msync(start, length, flags) != 0) {
-        *err = errno;
-        if (wb_is_bad_call(lo, hi, flags, *err))
+        rep->err = errno;
+        if (wb_is_bad_call(lo, hi, flags, rep->err))
             return SYNC_FAILED;
-        *err = wb_record(lo, hi, *err);
+        rep->err = wb_record(lo, hi, rep->err);
         return SYNC_WRITEBACK;
     }
     if (wb_any()) {
@@ -94,42 +98,147 @@ sync_span(char *start, size_t length, int flags, int *err, int *why)
          * (the kernel reports each failure once): its record, once
          * complete, speaks for us too. */
         wb_settle();
-        if ((outcome = recorded(lo, hi, err, why)) != SYNC_OK)
+        if ((outcome = recorded(lo, hi, rep)) != SYNC_OK)
             return outcome;
     }
     if (is_async(flags))
-        writeout_start(lo, hi);
+        writeout_start(lo, hi, wait_for);
     return SYNC_OK;
 }
 
-/* Before MS_ASYNC's first write-out: start the thread that does them,
- * with CPython's thread API, which needs the GIL (and keeps the wheel off
- * newer glibc symbols). With the GIL held. */
-static void
-need_writeout_thread(int flags)
+/* Before a call that hands work to the write-out thread (MS_ASYNC, or
+ * evict=True), with the GIL held: count the caller in and, if no thread
+ * runs, start it with CPython's thread API (which needs the GIL, and keeps
+ * the wheel off newer glibc symbols), then wait for it to set up its own
+ * descriptor table. 1 if writeout_leave() is owed afterwards. */
+static int
+enter_writeout(int flags, int evict)
 {
-    if (is_async(flags) && writeout_claim_start()
+    int state;
+
+    if (!is_async(flags) && !evict)
+        return 0;
+    state = writeout_enter();
+    if (state == WO_UNAVAILABLE)
+        return 0;
+    if (state == WO_NONE
         && PyThread_start_new_thread(writeout_thread_main, NULL)
                == (unsigned long)-1)
-        writeout_start_failed();  /* the callers start their write-outs */
+        writeout_start_failed();  /* nothing is started; tried next time */
+    else if (state == WO_NONE || state == WO_STARTING) {
+        Py_BEGIN_ALLOW_THREADS
+        writeout_wait_started();
+        Py_END_ALLOW_THREADS
+    }
+    return 1;
+}
+
+/* The name of an errno ("ENOSPC"), as a new str, or NULL with an error. */
+static PyObject *
+errno_name(int err)
+{
+    PyObject *module = PyImport_ImportModule("errno"), *codes, *name = NULL;
+
+    if (module == NULL)
+        return NULL;
+    codes = PyObject_GetAttrString(module, "errorcode");
+    Py_DECREF(module);
+    if (codes == NULL)
+        return NULL;
+    if (PyDict_Check(codes)) {
+        PyObject *key = PyLong_FromLong(err);
+        if (key != NULL) {
+            name = PyDict_GetItem(codes, key);  /* borrowed */
+            Py_XINCREF(name);
+            Py_DECREF(key);
+        }
+    }
+    Py_DECREF(codes);
+    if (name == NULL && !PyErr_Occurred())
+        name = PyUnicode_FromFormat("errno %d", err);
+    return name;
+}
+
+/* The failed file an entry names: its path where known, its device and
+ * inode always (a new str, or NULL with an error). */
+static PyObject *
+failed_file(const wb_report *rep)
+{
+    unsigned int major = (unsigned int)(rep->dev >> 32);
+    unsigned int minor = (unsigned int)(rep->dev & 0xffffffffu);
+    unsigned long long ino = (unsigned long long)rep->ino;
+
+    if (rep->path[0] != '\0')
+        return PyUnicode_FromFormat("%s (device %u:%u, inode %llu)",
+                                    rep->path, major, minor, ino);
+    return PyUnicode_FromFormat("device %u:%u, inode %llu", major, minor, ino);
+}
+
+/* The text after the byte range for a flush the record refused: which
+ * failure refuses it and why. A new str, or NULL with an error. */
+static PyObject *
+refusal_reason(int outcome, const wb_report *rep)
+{
+    PyObject *name = errno_name(rep->err), *file = NULL, *told = NULL;
+
+    if (name == NULL)
+        return NULL;
+    if (rep->identified && (file = failed_file(rep)) == NULL) {
+        Py_DECREF(name);
+        return NULL;
+    }
+    if (outcome == SYNC_REFUSED)
+        told = PyUnicode_FromFormat(
+            " of %U, whose write-back failed earlier (%U)", file, name);
+    else if (outcome == SYNC_UNSURE && rep->identified)
+        told = PyUnicode_FromFormat(
+            " (msyncext cannot tell this file apart from %U, whose "
+            "write-back failed (%U): they show the same device and inode "
+            "number, on a file system that numbers inodes per subvolume; "
+            "clear_writeback_error(buf) lifts this refusal for this file "
+            "only)", file, name);
+    else if (outcome == SYNC_UNSURE)
+        told = PyUnicode_FromFormat(
+            " (a write-back failure (%U) is recorded for a file msyncext "
+            "could not identify (%s), so every file is refused until "
+            "clear_writeback_error(buf) lifts it, file by file)",
+            name, strerror(rep->why));
+    else if (file != NULL)  /* SYNC_UNKNOWN */
+        told = PyUnicode_FromFormat(
+            " (a write-back failure of %U (%U) is recorded, and msyncext "
+            "cannot tell which file these bytes are mapped from: %s)",
+            file, name, strerror(rep->why));
+    else
+        told = PyUnicode_FromFormat(
+            " (a write-back failure (%U) is recorded, and msyncext cannot "
+            "tell which file these bytes are mapped from: %s)",
+            name, strerror(rep->why));
+    Py_DECREF(name);
+    Py_XDECREF(file);
+    return told;
 }
 
 /* OSError (or WritebackError) with errno, os.strerror(errno) as strerror
- * and the byte range where OSError puts a file name. For a failure msyncext
- * cannot place (SYNC_UNKNOWN), the range says why. Steals where. */
+ * and the byte range where OSError puts a file name; for a refusal, the
+ * range goes on to name the failed file and its errno. Steals where. */
 static void
-raise_sync_error(module_state *st, int outcome, int err, int why,
+raise_sync_error(module_state *st, int outcome, const wb_report *rep,
                  PyObject *where)
 {
     PyObject *cls, *exc;
+    int err = rep->err;
 
     if (where == NULL)
         return;
-    if (outcome == SYNC_UNKNOWN) {
-        PyObject *told = PyUnicode_FromFormat(
-            "%U (a write-back failure is recorded, and msyncext cannot tell "
-            "which file these bytes are mapped from: %s)",
-            where, strerror(why));
+    if (outcome == SYNC_REFUSED || outcome == SYNC_UNSURE
+        || outcome == SYNC_UNKNOWN) {
+        PyObject *reason = refusal_reason(outcome, rep), *told;
+        if (reason == NULL) {
+            Py_DECREF(where);
+            return;
+        }
+        told = PyUnicode_Concat(where, reason);
+        Py_DECREF(reason);
         Py_DECREF(where);
         if (told == NULL)
             return;
@@ -319,7 +428,9 @@ msync_flush(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
     PyObject *slots[5] = {NULL, NULL, NULL, NULL, NULL};
     pinned pin;
     Py_ssize_t offset = 0, size = 0, len;
-    int flags = MS_SYNC, outcome, err = 0, why = 0, evict = 0, evicted = 0;
+    int flags = MS_SYNC, outcome, evict = 0, evicted = 0, leave;
+    unsigned long long wait_for = 0;
+    wb_report rep;
     char *start;
     size_t length;
 
@@ -361,11 +472,14 @@ msync_flush(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
 
     pages_covering((const char *)pin.view.buf + offset, size, st->pagesize,
                    &start, &length);
-    need_writeout_thread(flags);
+    leave = enter_writeout(flags, evict);
     Py_BEGIN_ALLOW_THREADS
-    outcome = sync_span(start, length, flags, &err, &why);
+    outcome = sync_span(start, length, flags, &rep, &wait_for);
     if (outcome == SYNC_OK && evict)
         evicted = evict_span(start, length);
+    writeout_wait(wait_for);
+    if (leave)
+        writeout_leave();
     Py_END_ALLOW_THREADS
     if (outcome == SYNC_OK && evicted != 0) {
         PyObject *where = span_label(&pin, start, length);
@@ -380,8 +494,7 @@ msync_flush(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
         return NULL;
     }
     if (outcome != SYNC_OK) {
-        raise_sync_error(st, outcome, err, why,
-                         span_label(&pin, start, length));
+        raise_sync_error(st, outcome, &rep, span_label(&pin, start, length));
         unpin_buffer(&pin);
         return NULL;
     }
@@ -451,14 +564,16 @@ msync_flush_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     pinned pin;
     batch b;
     Py_ssize_t done = 0;
-    int flags, outcome = SYNC_OK, err = 0, why = 0, interrupted = 0;
+    int flags, outcome = SYNC_OK, interrupted = 0, leave = 0;
+    unsigned long long wait_for = 0;
+    wb_report rep;
     char *base;
 
     if (plan_batch(st, args, nargs, "flush_batch", &pin, &b, &flags) < 0)
         return NULL;
     base = (char *)pin.view.buf - b.head;
     if (b.len > 0)
-        need_writeout_thread(flags);
+        leave = enter_writeout(flags, 0);
     if (b.len > 0) {
         Py_BEGIN_ALLOW_THREADS
         uint64_t last_check = monotonic_ns();
@@ -467,7 +582,7 @@ msync_flush_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             outcome = sync_span(base + run->first * b.pagesize,
                                 (size_t)(run->last - run->first + 1)
                                     * (size_t)b.pagesize,
-                                flags, &err, &why);
+                                flags, &rep, &wait_for);
             if (outcome != SYNC_OK)
                 break;
             if (done + 1 < b.len
@@ -484,6 +599,10 @@ msync_flush_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 last_check = monotonic_ns();
             }
         }
+        /* One wait for every run's hand-over, not one per run. */
+        writeout_wait(wait_for);
+        if (leave)
+            writeout_leave();
         Py_END_ALLOW_THREADS
     }
     if (interrupted) {
@@ -499,7 +618,7 @@ msync_flush_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             : PyUnicode_FromFormat("%U, run %zd of %zd", span, done + 1,
                                    b.len);
         Py_XDECREF(span);
-        raise_sync_error(st, outcome, err, why, where);
+        raise_sync_error(st, outcome, &rep, where);
     }
     PyMem_Free(b.items);
     unpin_buffer(&pin);
@@ -590,6 +709,27 @@ msync_writeback_tracking(PyObject *module, PyObject *unused)
     return PyUnicode_FromString(method);
 }
 
+PyDoc_STRVAR(writeout_status_doc,
+"writeout_status($module, /)\n--\n\n"
+"Whether MS_ASYNC (and evict=True) can hand work to msyncext's write-out\n"
+"thread here: ('available', '') or ('unavailable', why). Starts the\n"
+"thread if none runs, to find out.");
+
+static PyObject *
+msync_writeout_status(PyObject *module, PyObject *unused)
+{
+    char why[160];
+    int state;
+    (void)module;
+    (void)unused;
+    if (enter_writeout(MS_ASYNC, 0))
+        writeout_leave();
+    state = writeout_state(why, sizeof(why));
+    if (state == WO_UNAVAILABLE || state == WO_BLOCKED)
+        return Py_BuildValue("(ss)", "unavailable", why);
+    return Py_BuildValue("(ss)", "available", "");
+}
+
 PyDoc_STRVAR(set_writeback_error_doc,
 "_set_writeback_error($module, cls, /)\n--\n\n"
 "The OSError subclass to raise for write-back failures (msyncext sets it).");
@@ -641,6 +781,8 @@ static PyMethodDef msync_methods[] = {
     {"page_offset", msync_page_offset, METH_O, page_offset_doc},
     {"writeback_tracking", msync_writeback_tracking, METH_NOARGS,
      writeback_tracking_doc},
+    {"writeout_status", msync_writeout_status, METH_NOARGS,
+     writeout_status_doc},
     {NULL, NULL, 0, NULL}
 };
 

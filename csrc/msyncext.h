@@ -90,8 +90,15 @@ int parse_maps_line(const char *line, size_t len, maps_line *out);
 typedef struct {
     int mount_id;
     uint64_t dev;               /* the superblock's: major << 32 | minor */
-    const char *fstype;         /* within the line; fstype_len bytes */
+    /* within the line, as printed (octal escapes): */
+    const char *root;           /* the mount's root within its file system */
+    size_t root_len;
+    const char *mount_point;
+    size_t mount_point_len;
+    const char *fstype;
     size_t fstype_len;
+    const char *super_options;  /* may be empty */
+    size_t super_options_len;
 } mountinfo_line;
 
 /* A /proc/self/mountinfo line: 1 parsed, 0 malformed. */
@@ -115,14 +122,52 @@ typedef struct {
     uint64_t dev, ino;     /* the superblock's device (major << 32 | minor)
                             * and the inode; ino 0: no file */
     int shared;            /* MAP_SHARED */
+    int name_cut;          /* the path was asked for and could not be had
+                            * whole (longer than the kernel or the buffer
+                            * allows): name is "" */
 } mapping_info;
 
 void maps_init(void);
 void maps_atfork_child(void);
-/* 0 and *out filled (name too, if given: the path, "" if none), ENOENT if
- * nothing is mapped at addr, another errno if it cannot be told. */
+/* 0 and *out filled (name too, if given: the path, "" if none or cut),
+ * ENOENT if nothing is mapped at addr, another errno if it cannot be
+ * told. */
 int mapping_at(uintptr_t addr, mapping_info *out, char *name,
                size_t name_size);
+
+/* A file as msyncext tells files apart: the superblock's device and the
+ * inode the mappings show, and, where it could be had, the file system's
+ * own handle for it (name_to_handle_at: it carries the inode's generation,
+ * which a new file with a reused number does not share, and on btrfs the
+ * subvolume). */
+#define ID_HANDLE_MAX 128
+typedef struct {
+    uint64_t dev, ino;
+    int handle_type;       /* -1: no handle */
+    uint32_t handle_len;
+    unsigned char handle[ID_HANDLE_MAX];
+    int view;              /* an overlayfs view whose real file could not
+                            * be found: dev and ino are the overlay's */
+} file_id;
+
+/* Take id's handle through path, if path names the file of (id->dev,
+ * id->ino) itself, on that superblock: 1, else 0 (and no handle). Opens
+ * nothing. */
+int handle_by_path(const char *path, file_id *id);
+/* 1 if dev is an overlayfs mount's device. */
+int is_overlay(uint64_t dev);
+/* For a file mapped through an overlay mount (path and id as the mapping
+ * shows them): the real file in the upper layer, as its own mapping would
+ * show it, into *id: 1, else 0 (id unchanged). Opens nothing. */
+int resolve_view(const char *path, file_id *id);
+/* 1 if the file system on superblock device dev may give one inode number
+ * to files in several subvolumes (btrfs, bcachefs), or cannot be found in
+ * /proc/self/mountinfo; 0 if device and inode name one file. */
+int inodes_ambiguous(uint64_t dev);
+/* The ids of the mounts (as /proc/self/mountinfo and fdinfo's mnt_id give
+ * them) of file systems whose files do work when any descriptor of them is
+ * closed (FUSE, NFS, SMB, ...): 0, E2BIG if more than max, or an errno. */
+int mounts_closing_does_work(int *ids, size_t max, size_t *n);
 /* 1 where mapping_at can tell files apart (Linux), else 0. */
 int maps_can_identify(void);
 /* How: "PROCMAP_QUERY", "/proc/self/maps" (parsed), or "none". */
@@ -154,47 +199,76 @@ wb_any(void)
 
 enum {
     WB_CLEAN = 0,   /* no failure of the file(s) in the range */
-    WB_FAILED,      /* a recorded failure of that file */
-    WB_UNKNOWN,     /* a failure is recorded and the file cannot be told */
+    WB_FAILED,      /* a recorded failure of that very file */
+    WB_UNSURE,      /* a recorded failure of a file msyncext cannot tell
+                     * apart from this one */
+    WB_UNKNOWN,     /* a failure is recorded and the file behind the range
+                     * cannot be looked up */
 };
+
+/* What a refusal is about: the entry that refuses, for the message. */
+typedef struct {
+    int outcome;         /* WB_* */
+    int err;             /* the recorded failure's errno */
+    int why;             /* WB_UNKNOWN, or an unidentified entry: the
+                          * errno of the lookup that failed */
+    int identified;      /* the entry names its file (dev, ino, path) */
+    uint64_t dev, ino;
+    char path[512];      /* its path at the failure, "" if none; cut */
+} wb_report;
 
 int wb_init(void);
 /* Whether an errno msync gave after msyncext's own checks is a bad call
  * (shown so) rather than a failed write-back. */
 int wb_is_bad_call(uintptr_t lo, uintptr_t hi, int flags, int err);
-/* WB_*; *err the recorded errno, *why the lookup's errno for WB_UNKNOWN. */
-int wb_check(uintptr_t lo, uintptr_t hi, int *err, int *why);
+/* What the record says of the file(s) mapped in [lo, hi): WB_*, with
+ * *out describing the refusing entry. */
+int wb_check(uintptr_t lo, uintptr_t hi, wb_report *out);
 /* Record the failure msync reported over [lo, hi); returns the errno to
  * report (the first recorded for that file). */
 int wb_record(uintptr_t lo, uintptr_t hi, int err);
-/* The same for a failure seen through a descriptor of the file. */
-int wb_record_file(uint64_t dev, uint64_t ino, int fd, int err);
 /* Wait until no other thread is recording a failure. */
 void wb_settle(void);
-/* Forget the failures of the file(s) in [lo, hi); the first errno or 0. */
+/* Forget the failures of the file(s) in [lo, hi) that are certainly those
+ * files, and lift the refusals of those that may be; the first errno
+ * forgotten, or 0. */
 int wb_clear(uintptr_t lo, uintptr_t hi);
 
 /* ------------------------------------------------------------------------
  * writeout.c: MS_ASYNC's write-out, started now. No GIL needed.
  */
 
+/* The thread's state: none, being started (by module.c, which holds the
+ * GIL that CPython's thread start needs), running, unavailable (its
+ * private descriptor table was refused: nothing is started, for good) or
+ * blocked (not safe to make now: tried again by the next caller). */
+enum { WO_NONE = 0, WO_STARTING, WO_RUNNING, WO_UNAVAILABLE, WO_BLOCKED };
+
 int writeout_init(void);
-/* Start writing back the file pages mapped at [lo, hi), without waiting. */
-int writeout_start(uintptr_t lo, uintptr_t hi);
-/* Wait up to seconds until everything queued is handed to the kernel. */
-void writeout_drain(double seconds);
-int writeout_thread_running(void);
+/* Before a call that may use the thread (with the GIL): counts the caller
+ * in, so that the thread does not end meanwhile, and returns the state it
+ * found. WO_NONE: the caller must start writeout_thread_main (then
+ * writeout_start_failed if that fails) and, like a caller that found
+ * WO_STARTING, wait for writeout_wait_started (without the GIL). */
+int writeout_enter(void);
+void writeout_start_failed(void);
+int writeout_wait_started(void);
+void writeout_thread_main(void *unused);
+/* After the call (every caller of writeout_enter but WO_UNAVAILABLE's). */
+void writeout_leave(void);
+/* Queue the write-out of the file pages mapped at [lo, hi); *wait_for is
+ * raised to the hand-over the caller should wait for (0: none). */
+int writeout_start(uintptr_t lo, uintptr_t hi, unsigned long long *wait_for);
+/* Wait, briefly (bounded), until that hand-over is done. */
+void writeout_wait(unsigned long long batch);
 /* After MADV_PAGEOUT of [lo, hi): drop what the file's page cache kept of
  * it; *left is how many of its pages are still cached (-1: unknown). 0 or
  * an errno. */
 int writeout_drop_cached(uintptr_t lo, uintptr_t hi, long long *left);
-/* The thread is started by module.c with CPython's thread API (under the
- * GIL): 1 if the caller should start writeout_thread_main now; if that
- * fails, writeout_start_failed. Requests made while no thread runs are
- * started by the caller itself. */
-int writeout_claim_start(void);
-void writeout_start_failed(void);
-void writeout_thread_main(void *unused);
+/* Wait up to seconds until everything queued is handed to the kernel. */
+void writeout_drain(double seconds);
+/* The state, and why it is WO_UNAVAILABLE or WO_BLOCKED. */
+int writeout_state(char *why, size_t why_size);
 
 #ifndef MSYNCEXT_NO_PYTHON
 
@@ -213,8 +287,10 @@ enum {
     SYNC_FAILED,     /* msync failed: a bad call (EBUSY, ENOMEM, ...) */
     SYNC_WRITEBACK,  /* msync reported a write-back failure, now recorded */
     SYNC_REFUSED,    /* an earlier failure of this file; msync not called */
+    SYNC_UNSURE,     /* an earlier failure of a file msyncext cannot tell
+                      * apart from this one; msync not called */
     SYNC_UNKNOWN,    /* a failure is recorded and this buffer's file cannot
-                      * be told apart from it; msync not called */
+                      * be looked up; msync not called */
 };
 
 /* ------------------------------------------------------------------------

@@ -11,27 +11,47 @@
  * recorded, a flush looks up the file behind its range (maps.c) and
  * compares.
  *
- * Files are told apart as the kernel tells them apart:
- *   - by the device and inode /proc/self/maps shows (the superblock's);
- *   - a failed file is held open (O_PATH) while it is recorded, so that its
- *     inode cannot be freed and its number given to a new file (ext4 does
- *     that at once);
- *   - where stat() reports another device than the superblock's (btrfs
- *     subvolumes, which number their inodes alike), the path of the
- *     mapping is stat()ed and that device compared too.
- * When the file behind a flush cannot be established, it is refused.
+ * How files are told apart (file_id in msyncext.h): by the superblock's
+ * device and the inode the mappings show, and by the file system's handle
+ * for the file (name_to_handle_at, through the mapping's path, only where
+ * that path still reaches the mapped inode): the handle carries the inode's
+ * generation, so a new file given a failed file's inode number is another
+ * file, and on btrfs it carries the subvolume. Nothing of a failed file is
+ * held open: once nothing maps it and no name is left, its space is freed
+ * and its file system can be unmounted; its entry stays, harmless, because
+ * a file that later gets its number has another handle (or is a file
+ * msyncext may confuse with it: below).
+ *
+ * The rule this record keeps:
+ *   - An entry that cannot be told apart from another file refuses that
+ *     file too, and is never cleared through it. Device and inode name one
+ *     file while it exists, except where a file system numbers inodes per
+ *     subvolume (btrfs, bcachefs, or a device no mount shows: "ambiguous").
+ *     There, without a handle on both sides, the two are UNSURE.
+ *   - A clear forgets only entries that are certainly the cleared file:
+ *     equal handles, or the same device and inode on a file system where
+ *     those name one file. (Without handles that file may be a new one with
+ *     the failed file's old number: then the failed file exists no more,
+ *     nothing can flush it, and forgetting it loses nothing.)
+ *   - An unsure refusal is bounded to what is unsure and can always be
+ *     cleared: clearing a file that is unsure against an entry exempts that
+ *     file (by its device, inode and handle, or "no handle") from that
+ *     entry, which goes on refusing everything else it may be. An entry for
+ *     a file that could not be identified at all refuses every flush and is
+ *     lifted the same way, file by file.
+ *   - Nothing is held: no descriptor, no mount, no space.
  *
  * No Python here: this runs without the GIL. The lock guards memory only;
- * every lookup (ioctl, stat, open) happens outside it, so a healthy flush
- * never waits for another thread's I/O. Fork-safe: the lock is taken
- * across fork(), and a child finishes the recordings that other threads
- * had under way (its maps are the same files).
+ * every lookup (ioctl, stat, handle, mountinfo) happens outside it, so a
+ * healthy flush never waits for another thread's I/O. Fork-safe: the lock
+ * is taken across fork(), and a child finishes the recordings that other
+ * threads had under way (its maps are the same files).
  */
 /* Large-file libc entry points (fopen64 on 32-bit Linux), as Python.h's
  * pyconfig.h selects for the files that include it. */
 #define _FILE_OFFSET_BITS 64
 #if defined(__linux__) && !defined(_GNU_SOURCE)
-#define _GNU_SOURCE  /* sync_file_range, O_PATH, F_DUPFD_CLOEXEC */
+#define _GNU_SOURCE
 #endif
 
 #define MSYNCEXT_NO_PYTHON
@@ -40,30 +60,23 @@
 #include <pthread.h>
 
 #include <errno.h>
-#include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <stdio.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
-#include <sys/types.h>
 #include <unistd.h>
-#if defined(__linux__)
-#include <sys/sysmacros.h>
-#endif
-
-#ifndef O_PATH
-#define O_PATH O_RDONLY
-#endif
 
 typedef struct {
-    int identified;      /* 0: which file failed is not known */
-    uint64_t dev, ino;   /* as /proc/self/maps shows them */
-    uint64_t st_dev;     /* as stat() shows it (same encoding); 0 unknown */
-    int held_fd;         /* keeps the inode alive; -1 if it could not */
+    int identified;      /* 0: which file failed could not be told */
+    file_id id;          /* identified: the failed file */
+    int ambiguous;       /* its device may number inodes per subvolume */
     int err;             /* the first failure's errno */
     int why;             /* not identified: why (an errno) */
-    uintptr_t lo, hi;    /* the failing span: clears an unknown one */
+    uintptr_t lo, hi;    /* the failing span: clears an unidentified entry
+                          * where files cannot be told apart at all */
+    char *path;          /* the mapping's path at the failure, or NULL */
+    file_id *exempt;     /* files cleared while unsure against this one */
+    size_t n_exempt, cap_exempt;
 } wb_failure;
 
 /* A failure reported by msync and not yet in the list. It lives on the
@@ -84,98 +97,154 @@ static size_t wb_len, wb_cap;
 static size_t wb_unknown;   /* entries with identified == 0 */
 static wb_pending *wb_inflight;
 
+/* Room for a path as the kernel gives one (PATH_MAX) and a little more. */
 enum { NAME_SIZE = 4096 + 64 };
 
 /* ------------------------------------------------------------------------
- * Establishing a file
+ * Comparing files
  */
 
-/* The path of a mapping if it can name the file now: not an unlinked
- * file's "... (deleted)", not a pseudo-name such as "[heap]". */
-static const char *
-usable_path(const char *name)
-{
-    static const char deleted[] = " (deleted)";
-    size_t n = strlen(name), s = sizeof(deleted) - 1;
-    if (name[0] != '/')
-        return NULL;
-    if (n >= s && strcmp(name + n - s, deleted) == 0)
-        return NULL;
-    return name;
-}
+enum { REL_DIFFERENT = 0, REL_SAME, REL_UNSURE };
 
-/* The stat() device of the file mapped at addr, found through the
- * mapping's path: 1 if the path still names that mapping's inode, else 0. */
 static int
-path_device_at(uintptr_t addr, uint64_t *st_dev)
+same_handle(const file_id *a, const file_id *b)
 {
-    mapping_info m;
-    struct stat st;
-    char *name = malloc(NAME_SIZE);
-    const char *path;
-    int ok = 0;
-
-    if (name == NULL)
-        return 0;
-    if (mapping_at(addr, &m, name, NAME_SIZE) == 0
-        && (path = usable_path(name)) != NULL && stat_path(path, &st) == 0
-        && (uint64_t)st.st_ino == m.ino) {
-        *st_dev = dev_key(st.st_dev);
-        ok = 1;
-    }
-    free(name);
-    return ok;
+    return a->handle_type == b->handle_type && a->handle_len == b->handle_len
+           && memcmp(a->handle, b->handle, a->handle_len) == 0;
 }
 
-/* Describe the file of one mapping that failed, holding it open. */
-static void
-identify_mapping(const mapping_info *m, const char *name, wb_failure *f)
+/* What entry f says of the file c (whose handle is filled if it could be
+ * had). */
+static int
+relation(const wb_failure *f, const file_id *c, const char *c_path)
 {
-    const char *path = usable_path(name);
-    struct stat st;
-    int fd;
+    if (!f->identified)
+        return REL_UNSURE;
+    if (f->id.ino != c->ino)
+        return REL_DIFFERENT;
+    if (f->id.dev != c->dev)
+        /* An overlay view whose real file was not found may be any file of
+         * that number below it. */
+        return f->id.view || c->view ? REL_UNSURE : REL_DIFFERENT;
+    if (f->id.handle_type >= 0 && c->handle_type >= 0)
+        return same_handle(&f->id, c) ? REL_SAME : REL_DIFFERENT;
+    if (!f->ambiguous)
+        return REL_SAME;
+    /* Neither handle to compare, on btrfs: the same file only if its
+     * mapping shows the very path the failed one did (a file deleted while
+     * mapped shows "... (deleted)"): another subvolume's file has another
+     * path. */
+    return f->path != NULL && c_path != NULL && c_path[0] != '\0'
+                   && strcmp(f->path, c_path) == 0
+               ? REL_SAME
+               : REL_UNSURE;
+}
 
-    f->identified = 1;
-    f->dev = m->dev;
-    f->ino = m->ino;
-    fd = path != NULL ? open(path, O_PATH | O_CLOEXEC) : -1;
-    if (fd >= 0 && stat_fd(fd, &st) == 0 && (uint64_t)st.st_ino == m->ino) {
-        f->held_fd = fd;
-        f->st_dev = dev_key(st.st_dev);
+/* Whether c was cleared while unsure against f. An exemption without a
+ * handle covers the files of that device and inode that show none. */
+static int
+exempted(const wb_failure *f, const file_id *c)
+{
+    size_t i;
+    for (i = 0; i < f->n_exempt; i++) {
+        const file_id *e = &f->exempt[i];
+        if (e->dev != c->dev || e->ino != c->ino)
+            continue;
+        if (e->handle_type < 0 ? c->handle_type < 0 : same_handle(e, c))
+            return 1;
+    }
+    return 0;
+}
+
+/* Whether an entry could have anything to say of a file of inode number
+ * ino without a closer look (wb_lock held). The number alone decides: an
+ * overlay view shows the overlay's device with the real file's number. */
+static int
+touched_locked(uint64_t ino)
+{
+    size_t i;
+    if (wb_unknown > 0)
+        return 1;
+    for (i = 0; i < wb_len; i++) {
+        if (wb_list[i].id.ino == ino)
+            return 1;
+    }
+    return 0;
+}
+
+/* The file of mapping m, whose path is name (or "" / cut): as a file_id,
+ * with its handle where it can be had, and an overlay view replaced by
+ * the real file in the upper layer where that can be found. */
+static void
+identify_named(const mapping_info *m, const char *name, file_id *out)
+{
+    out->dev = m->dev;
+    out->ino = m->ino;
+    out->handle_type = -1;
+    out->handle_len = 0;
+    out->view = 0;
+    if (is_overlay(m->dev)) {
+        if (m->name_cut || !resolve_view(name, out))
+            out->view = 1;
         return;
     }
-    if (fd >= 0)
-        close(fd);
-    /* No descriptor free (EMFILE), or no path: stat needs no descriptor. */
-    if (path != NULL && stat_path(path, &st) == 0 && (uint64_t)st.st_ino == m->ino)
-        f->st_dev = dev_key(st.st_dev);
+    if (!m->name_cut)
+        handle_by_path(name, out);
+}
+
+/* The file mapped at addr, found without a name as m, identified: 0, or
+ * the lookup's errno. */
+static int
+identify(uintptr_t addr, const mapping_info *m, file_id *out, char *name)
+{
+    mapping_info again;
+    int rc = mapping_at(addr, &again, name, NAME_SIZE);
+
+    if (rc != 0)
+        return rc;
+    /* The mapping may have been replaced in between: then its name says
+     * nothing of this one's file. */
+    if (again.dev != m->dev || again.ino != m->ino) {
+        again = *m;
+        again.name_cut = 1;
+        name[0] = '\0';
+    }
+    identify_named(&again, name, out);
+    return 0;
 }
 
 /* ------------------------------------------------------------------------
  * The list (wb_lock held)
  */
 
-static int
-same_file(const wb_failure *a, const wb_failure *b)
+static void
+free_entry(wb_failure *f)
 {
-    return a->identified && b->identified && a->dev == b->dev
-           && a->ino == b->ino && a->st_dev == b->st_dev;
+    free(f->path);
+    free(f->exempt);
 }
 
-/* Add f, or fold it into the entry for the same file (keeping the first
- * errno). Returns the errno to report. Takes f's descriptor either way. */
+/* Add f, or fold it into the entry that is certainly the same file
+ * (keeping the first errno). Returns the errno to report. Takes f's
+ * memory either way. */
 static int
-insert_locked(const wb_failure *f)
+insert_locked(wb_failure *f)
 {
     size_t i;
 
-    for (i = 0; i < wb_len; i++) {
-        if (same_file(&wb_list[i], f)) {
-            if (f->held_fd >= 0 && wb_list[i].held_fd < 0)
-                wb_list[i].held_fd = f->held_fd;
-            else if (f->held_fd >= 0)
-                close(f->held_fd);
-            return wb_list[i].err;
+    if (f->identified) {
+        for (i = 0; i < wb_len; i++) {
+            wb_failure *e = &wb_list[i];
+            if (relation(e, &f->id, f->path) == REL_SAME) {
+                if (e->id.handle_type < 0 && f->id.handle_type >= 0)
+                    e->id = f->id;
+                if (e->path == NULL) {
+                    e->path = f->path;
+                    f->path = NULL;
+                }
+                free_entry(f);
+                return e->err;
+            }
         }
     }
     if (wb_len == wb_cap) {
@@ -183,9 +252,9 @@ insert_locked(const wb_failure *f)
         wb_failure *grown = realloc(wb_list, cap * sizeof(*grown));
         if (grown == NULL) {
             /* No room to remember which file: the newest entry becomes an
-             * unknown file, which refuses every flush (never a success). */
-            if (f->held_fd >= 0)
-                close(f->held_fd);
+             * unidentified file, which refuses every flush (never a false
+             * success) until lifted file by file. */
+            free_entry(f);
             if (wb_len == 0)
                 return f->err;  /* raised now; nothing to remember it by */
             if (wb_list[wb_len - 1].identified) {
@@ -208,20 +277,68 @@ insert_locked(const wb_failure *f)
 static void
 drop_locked(size_t index)
 {
-    if (wb_list[index].held_fd >= 0)
-        close(wb_list[index].held_fd);
     if (!wb_list[index].identified)
         wb_unknown--;
+    free_entry(&wb_list[index]);
     wb_list[index] = wb_list[wb_len - 1];
     wb_len--;
     __atomic_sub_fetch(&wb_count, 1, __ATOMIC_ACQ_REL);
 }
 
-/* The errno of any entry, or 0 if there is none. */
+/* Exempt c from entry f. 0, or ENOMEM (then f goes on refusing c). */
 static int
-any_err_locked(void)
+exempt_locked(wb_failure *f, const file_id *c)
 {
-    return wb_len > 0 ? wb_list[0].err : 0;
+    if (exempted(f, c))
+        return 0;
+    if (f->n_exempt == f->cap_exempt) {
+        size_t cap = f->cap_exempt ? 2 * f->cap_exempt : 4;
+        file_id *grown = realloc(f->exempt, cap * sizeof(*grown));
+        if (grown == NULL)
+            return ENOMEM;
+        f->exempt = grown;
+        f->cap_exempt = cap;
+    }
+    f->exempt[f->n_exempt++] = *c;
+    return 0;
+}
+
+static void
+report_locked(const wb_failure *f, int outcome, wb_report *out)
+{
+    out->outcome = outcome;
+    out->err = f->err;
+    out->why = f->identified ? 0 : f->why;
+    out->identified = f->identified;
+    out->dev = f->id.dev;
+    out->ino = f->id.ino;
+    out->path[0] = '\0';
+    if (f->path != NULL)
+        snprintf(out->path, sizeof(out->path), "%s", f->path);
+}
+
+/* The verdict of every entry on file c: WB_FAILED (certainly a failed
+ * file) before WB_UNSURE (may be one), else WB_CLEAN; *out describes the
+ * entry. */
+static int
+judge_locked(const file_id *c, const char *c_path, wb_report *out)
+{
+    size_t i;
+    int outcome = WB_CLEAN;
+
+    for (i = 0; i < wb_len; i++) {
+        const wb_failure *f = &wb_list[i];
+        int rel = relation(f, c, c_path);
+        if (rel == REL_SAME) {
+            report_locked(f, WB_FAILED, out);
+            return WB_FAILED;
+        }
+        if (rel == REL_UNSURE && !exempted(f, c) && outcome == WB_CLEAN) {
+            report_locked(f, WB_UNSURE, out);
+            outcome = WB_UNSURE;
+        }
+    }
+    return outcome;
 }
 
 /* ------------------------------------------------------------------------
@@ -247,11 +364,13 @@ record_span(uintptr_t lo, uintptr_t hi, int err)
             break;
         if (m.ino != 0 && m.shared) {
             memset(&f, 0, sizeof(f));
-            f.held_fd = -1;
+            f.identified = 1;
+            identify_named(&m, name, &f.id);
+            f.ambiguous = inodes_ambiguous(f.id.dev);
             f.err = err;
             f.lo = lo;
             f.hi = hi;
-            identify_mapping(&m, name, &f);
+            f.path = name[0] != '\0' ? strdup(name) : NULL;
             pthread_mutex_lock(&wb_lock);
             reported = insert_locked(&f);
             pthread_mutex_unlock(&wb_lock);
@@ -266,10 +385,10 @@ record_span(uintptr_t lo, uintptr_t hi, int err)
     free(name);
     if (!recorded) {
         /* The file could not be established: record the failure as an
-         * unknown file, which refuses every flush until cleared. */
+         * unidentified file, which refuses every flush until lifted. */
         wb_failure f;
         memset(&f, 0, sizeof(f));
-        f.held_fd = -1;
+        f.id.handle_type = -1;
         f.err = err;
         f.why = name == NULL ? ENOMEM : rc != 0 ? rc : ENOENT;
         f.lo = lo;
@@ -311,29 +430,6 @@ wb_record(uintptr_t lo, uintptr_t hi, int err)
     return err;
 }
 
-int
-wb_record_file(uint64_t dev, uint64_t ino, int fd, int err)
-{
-    wb_failure f;
-    struct stat st;
-    int reported;
-
-    /* A failure seen through a descriptor (the write-out thread's): the
-     * file is known, and a duplicate of the descriptor holds it. */
-    memset(&f, 0, sizeof(f));
-    f.identified = 1;
-    f.dev = dev;
-    f.ino = ino;
-    f.err = err;
-    f.held_fd = dup_cloexec(fd);
-    if (stat_fd(fd, &st) == 0 && (uint64_t)st.st_ino == ino)
-        f.st_dev = dev_key(st.st_dev);
-    pthread_mutex_lock(&wb_lock);
-    reported = insert_locked(&f);
-    pthread_mutex_unlock(&wb_lock);
-    return reported;
-}
-
 void
 wb_settle(void)
 {
@@ -347,111 +443,71 @@ wb_settle(void)
  * Checking
  */
 
-/* What the list says of one mapping: WB_FAILED with *err, WB_CLEAN, or
- * WB_UNKNOWN when only the device stat() shows can tell (*err is then one
- * candidate's, for when even that cannot be had). */
+/* A failure recorded and the file behind a flush unknown: refused. */
 static int
-match_locked(const mapping_info *m, int *err)
+cannot_tell(int why, wb_report *out)
 {
-    size_t i;
-    int outcome = WB_CLEAN;
-
-    for (i = 0; i < wb_len; i++) {
-        const wb_failure *f = &wb_list[i];
-        if (!f->identified || f->dev != m->dev || f->ino != m->ino)
-            continue;
-        *err = f->err;
-        /* Where stat's device is the superblock's, device and inode name
-         * one file, and the file held open cannot have given its number to
-         * another. Not held, or never stat()ed: it may be a new file with
-         * the old number; refused all the same (never a false success). */
-        if (f->held_fd < 0 || f->st_dev == 0 || f->st_dev == f->dev)
-            return WB_FAILED;
-        /* Subvolumes of one btrfs share the device and number inodes
-         * alike: the device stat() shows tells them apart. */
-        outcome = WB_UNKNOWN;
-    }
-    return outcome;
-}
-
-/* The entry for the file of device, inode and stat() device, if any: its
- * errno, or 0. */
-static int
-match_device_locked(const mapping_info *m, uint64_t st_dev)
-{
-    size_t i;
-    for (i = 0; i < wb_len; i++) {
-        const wb_failure *f = &wb_list[i];
-        if (f->identified && f->dev == m->dev && f->ino == m->ino
-            && f->st_dev == st_dev)
-            return f->err;
-    }
-    return 0;
+    int any;
+    pthread_mutex_lock(&wb_lock);
+    any = wb_len > 0;
+    if (any)
+        report_locked(&wb_list[0], WB_UNKNOWN, out);
+    pthread_mutex_unlock(&wb_lock);
+    out->why = why;
+    return any ? WB_UNKNOWN : WB_CLEAN;
 }
 
 int
-wb_check(uintptr_t lo, uintptr_t hi, int *err, int *why)
+wb_check(uintptr_t lo, uintptr_t hi, wb_report *out)
 {
     uintptr_t at = lo;
+    char *name = NULL;
+    int outcome = WB_CLEAN;
 
-    *why = 0;
-    pthread_mutex_lock(&wb_lock);
-    if (wb_unknown > 0 || !maps_can_identify()) {
-        /* A failure of a file that could not be established, or a platform
-         * that cannot tell files apart: this flush might be of that file. */
-        size_t i;
-        *err = any_err_locked();
-        *why = ENOSYS;
-        for (i = 0; i < wb_len; i++) {
-            if (!wb_list[i].identified) {
-                *err = wb_list[i].err;
-                *why = wb_list[i].why;
-                break;
-            }
-        }
-        pthread_mutex_unlock(&wb_lock);
-        return *err != 0 ? WB_UNKNOWN : WB_CLEAN;
-    }
-    pthread_mutex_unlock(&wb_lock);
+    out->outcome = WB_CLEAN;
+    if (!maps_can_identify())
+        return cannot_tell(ENOSYS, out);
 
     while (at < hi) {
         mapping_info m;
-        int rc = mapping_at(at, &m, NULL, 0);
+        int rc = mapping_at(at, &m, NULL, 0), touched;
 
         if (rc == ENOENT)
             break;  /* not mapped: msync says ENOMEM itself */
         if (rc != 0) {
-            pthread_mutex_lock(&wb_lock);
-            *err = any_err_locked();
-            pthread_mutex_unlock(&wb_lock);
-            *why = rc;
-            return *err != 0 ? WB_UNKNOWN : WB_CLEAN;
+            outcome = cannot_tell(rc, out);
+            break;
         }
         if (m.ino != 0 && m.shared) {
-            uint64_t st_dev = 0;
-            int outcome, found;
             pthread_mutex_lock(&wb_lock);
-            outcome = match_locked(&m, err);
+            touched = touched_locked(m.ino);
             pthread_mutex_unlock(&wb_lock);
-            if (outcome == WB_FAILED)
-                return WB_FAILED;
-            if (outcome == WB_UNKNOWN) {
-                if (!path_device_at(at, &st_dev))
-                    return WB_FAILED;  /* it may be that file: refuse */
-                pthread_mutex_lock(&wb_lock);
-                found = match_device_locked(&m, st_dev);
-                pthread_mutex_unlock(&wb_lock);
-                if (found != 0) {
-                    *err = found;
-                    return WB_FAILED;
+            if (touched) {
+                /* The rare path: an entry shares this file's device and
+                 * inode (or could not be identified): its handle decides. */
+                file_id c;
+                if (name == NULL && (name = malloc(NAME_SIZE)) == NULL) {
+                    outcome = cannot_tell(ENOMEM, out);
+                    break;
                 }
+                rc = identify(at, &m, &c, name);
+                if (rc != 0) {
+                    outcome = cannot_tell(rc, out);
+                    break;
+                }
+                pthread_mutex_lock(&wb_lock);
+                outcome = judge_locked(&c, name, out);
+                pthread_mutex_unlock(&wb_lock);
+                if (outcome != WB_CLEAN)
+                    break;
             }
         }
         if (m.end <= at)
             break;
         at = m.end;
     }
-    return WB_CLEAN;
+    free(name);
+    return outcome;
 }
 
 /* ------------------------------------------------------------------------
@@ -462,56 +518,57 @@ int
 wb_clear(uintptr_t lo, uintptr_t hi)
 {
     uintptr_t at = lo;
-    int first = 0;
+    int first = 0, looked = 0;
+    char *name = malloc(NAME_SIZE);
     size_t i;
 
-    /* A failure of an unknown file is cleared through the span that
-     * failed, or anywhere on a platform that cannot tell files apart. */
-    pthread_mutex_lock(&wb_lock);
-    for (i = 0; i < wb_len;) {
-        wb_failure *f = &wb_list[i];
-        if (!f->identified && (f->lo < hi && lo < f->hi)) {
-            if (first == 0)
-                first = f->err;
-            drop_locked(i);
-        }
-        else {
-            i++;
-        }
-    }
-    pthread_mutex_unlock(&wb_lock);
-
-    while (at < hi) {
+    while (name != NULL && maps_can_identify() && at < hi) {
         mapping_info m;
+        file_id c;
 
         if (mapping_at(at, &m, NULL, 0) != 0)
             break;
-        if (m.ino != 0) {
-            uint64_t st_dev = 0;
-            int named = path_device_at(at, &st_dev);
+        looked = 1;
+        if (m.ino != 0 && identify(at, &m, &c, name) == 0) {
             pthread_mutex_lock(&wb_lock);
             for (i = 0; i < wb_len;) {
                 wb_failure *f = &wb_list[i];
-                /* Where only stat's device tells files apart, an entry of
-                 * another device is another file: it stays. */
-                int match = f->identified && f->dev == m.dev
-                            && f->ino == m.ino
-                            && (f->st_dev == 0 || f->st_dev == f->dev
-                                || (named && f->st_dev == st_dev));
-                if (match) {
+                int rel = relation(f, &c, name);
+                if (rel == REL_SAME) {
                     if (first == 0)
                         first = f->err;
                     drop_locked(i);
+                    continue;
                 }
-                else {
-                    i++;
-                }
+                if (rel == REL_UNSURE)
+                    exempt_locked(f, &c);
+                i++;
             }
             pthread_mutex_unlock(&wb_lock);
         }
         if (m.end <= at)
             break;
         at = m.end;
+    }
+    free(name);
+
+    if (!looked) {
+        /* Nothing here can name the file behind buf (no /proc, or another
+         * system): an unidentified failure is cleared through the span that
+         * failed, as the README says. */
+        pthread_mutex_lock(&wb_lock);
+        for (i = 0; i < wb_len;) {
+            wb_failure *f = &wb_list[i];
+            if (!f->identified && f->lo < hi && lo < f->hi) {
+                if (first == 0)
+                    first = f->err;
+                drop_locked(i);
+            }
+            else {
+                i++;
+            }
+        }
+        pthread_mutex_unlock(&wb_lock);
     }
     return first;
 }

@@ -16,8 +16,13 @@ fsync::
     EINVAL               WRITE and FSYNC requests answer EINVAL
     EINVAL write         only WRITE requests fail (FSYNC answers 0)
     EINVAL fsync         only FSYNC requests fail (the data is written)
+    EIO write once       the next WRITE fails, then the daemon removes this
+                         line from the control file (a transient failure)
+    delay 1.5 fsync      every FSYNC is answered 1.5 s late (WRITE and FSYNC
+                         without a list): a slow device
 
-A failed WRITE leaves the backing file as it was. ``--events FILE``
+One line of each kind at most; a delay line goes with an errno line or
+alone. A failed WRITE leaves the backing file as it was. ``--events FILE``
 appends a line per WRITE, FSYNC and FLUSH request with its answer.
 
 For the tests, ``errfs(directory)`` mounts one in a daemon process of its
@@ -108,17 +113,60 @@ def _errno_value(name: str) -> int:
     return value
 
 
-def parse_control(text: str) -> dict[str, int]:
-    """The failures a control file's text asks for: {operation: errno}."""
-    words = text.split()
-    if not words:
-        return {}
-    name, *ops = words
-    value = _errno_value(name)
-    for op in ops:
+class Control(NamedTuple):
+    """What a control file asks of the daemon."""
+
+    errors: dict[str, int]  # operation: the errno to answer
+    once: bool  # answer an error once, then forget the errno line
+    delays: dict[str, float]  # operation: seconds to wait before answering
+
+
+#: Longer would hold every process waiting on the mount for as long.
+MAX_DELAY = 30.0
+
+
+def _operations(words: list[str]) -> list[str]:
+    for op in words:
         if op not in _OPS:
             raise ValueError(f"unknown operation {op!r} (not one of {_OPS})")
-    return dict.fromkeys(ops or _OPS, value)
+    return words or list(_OPS)
+
+
+def parse(text: str) -> Control:
+    """The whole of a control file's text, checked."""
+    control = Control({}, False, {})
+    for line in text.splitlines():
+        words = line.split()
+        if not words:
+            continue
+        if words[0] == "delay":
+            try:
+                seconds = float(words[1])
+            except (IndexError, ValueError):
+                raise ValueError(f"delay needs a number of seconds: {line!r}") from None
+            if not 0 <= seconds <= MAX_DELAY:
+                raise ValueError(f"delay {seconds} is not within 0..{MAX_DELAY} s")
+            control.delays.update(dict.fromkeys(_operations(words[2:]), seconds))
+            continue
+        name, *ops = words
+        value = _errno_value(name)
+        once = "once" in ops
+        ops = [op for op in ops if op != "once"]
+        control.errors.update(dict.fromkeys(_operations(ops), value))
+        control = control._replace(once=control.once or once)
+    return control
+
+
+def parse_control(text: str) -> dict[str, int]:
+    """The failures a control file's text asks for: {operation: errno}."""
+    return parse(text).errors
+
+
+def _without_errors(text: str) -> str:
+    """The control file's text once a ``once`` failure has been answered."""
+    return "".join(
+        line + "\n" for line in text.splitlines() if line.split()[:1] == ["delay"]
+    )
 
 
 class Passthrough:
@@ -143,18 +191,18 @@ class Passthrough:
     def _real(self, path: str) -> str:
         return os.path.join(self.root, path.lstrip("/"))
 
-    def _failure(self, op: str) -> int:
-        """The errno the control file makes ``op`` answer, or 0."""
+    def _control(self) -> tuple[str, Control]:
+        """The control file's text and what it asks for."""
         try:
             with open(self.control, encoding="ascii") as f:
                 text = f.read()
         except FileNotFoundError:
-            return 0
+            return "", Control({}, False, {})
         try:
-            return parse_control(text).get(op, 0)
+            return text, parse(text)
         except ValueError as exc:
             print(f"errfs: bad control file {self.control}: {exc}", file=sys.stderr)
-            return errno.EIO
+            return text, Control(dict.fromkeys(_OPS, errno.EIO), False, {})
 
     def _event(self, op: str, path: str, detail: str, err: int) -> None:
         if self.events is not None:
@@ -163,7 +211,16 @@ class Passthrough:
             os.write(self.events, f"{line}\n".encode(errors="surrogateescape"))
 
     def _check(self, op: str, path: str, detail: str) -> None:
-        err = self._failure(op)
+        text, control = self._control()
+        delay = control.delays.get(op, 0.0)
+        if delay:
+            time.sleep(delay)  # single-threaded: every request waits as long
+        err = control.errors.get(op, 0)
+        if err and control.once:
+            new = f"{self.control}.daemon"
+            with open(new, "w", encoding="ascii") as f:
+                f.write(_without_errors(text))
+            os.replace(new, self.control)
         self._event(op, path, detail, err)
         if err:
             raise OSError(err, os.strerror(err))
@@ -392,20 +449,39 @@ class ErrFS:
         new.write_text(text, encoding="ascii")
         os.replace(new, self.control)  # the daemon never reads half a file
 
-    def fail_writes(self, errno_name: str, *, fsync: bool = True) -> None:
+    def fail_writes(
+        self,
+        errno_name: str,
+        *,
+        fsync: bool = True,
+        once: bool = False,
+        delay: float = 0.0,
+    ) -> None:
         """Answer ``errno_name`` to every WRITE (write-back and write(2)) and,
         unless ``fsync=False``, to every FSYNC (msync(MS_SYNC) sends one even
         for clean pages). With ``fsync=False`` a retried msync shows what the
-        kernel reports once the failed pages are clean: 0."""
-        self._set_control(f"{errno_name} write{' fsync' if fsync else ''}\n")
+        kernel reports once the failed pages are clean: 0. With ``once=True``
+        only the next such request fails; then the daemon heals itself. With
+        ``delay``, those requests are answered that many seconds late."""
+        ops = " write fsync" if fsync else " write"
+        text = f"{errno_name}{ops}{' once' if once else ''}\n"
+        self._set_control(text + (f"delay {delay}{ops}\n" if delay else ""))
 
     def fail_fsync(self, errno_name: str) -> None:
         """Answer ``errno_name`` to every FSYNC only: the data is written, the
         flush that follows fails (like a failing device cache flush)."""
         self._set_control(f"{errno_name} fsync\n")
 
+    def slow(self, seconds: float, *, write: bool = True, fsync: bool = True) -> None:
+        """Answer every WRITE and FSYNC (or only the ones asked for)
+        ``seconds`` late, successfully: an msync that takes that long."""
+        ops = " write" * write + " fsync" * fsync
+        if not ops:
+            raise ValueError("slow() needs write or fsync")
+        self._set_control(f"delay {seconds}{ops}\n")
+
     def heal(self) -> None:
-        """Let every request succeed again."""
+        """Let every request succeed, at once, again."""
         self._set_control("")
 
     def events(self) -> list[Event]:

@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from errfs import ErrFS, errfs, errfs_unavailable, parse_control
+from errfs import Control, ErrFS, errfs, errfs_unavailable, parse, parse_control
 
 PAGE = mmap.PAGESIZE
 MS_SYNC = 4  # Linux's value (the mmap module does not export it)
@@ -282,6 +282,33 @@ def child_hang(directory: str, daemon_pid: str) -> None:
     _close(fd, m)
 
 
+def child_once_and_slow(directory: str, delay: str) -> None:
+    """``once``: one failed WRITE, then the daemon heals itself; ``delay``:
+    an msync that waits that long for the daemon, and succeeds."""
+    fs = ErrFS(Path(directory))
+    fd, m, backing = _map(fs, "data.bin")
+    requests = _Requests(fs, "/data.bin")
+    fs.fail_writes("EIO", fsync=False, once=True)
+    m[0:4] = b"lost"
+    assert msync(m, 0, PAGE) == errno.EIO
+    assert requests.since() == [("write", "EIO")]
+    assert parse(fs.control.read_text()) == Control({}, False, {})
+    m[0:4] = b"kept"  # rewritten: dirty again, and written this time
+    assert msync(m, 0, PAGE) == 0
+    assert requests.since() == [("write", "ok"), ("fsync", "ok")]
+    assert _backing(backing, 0, 4) == b"kept"
+
+    fs.slow(float(delay), write=False)
+    m[PAGE : PAGE + 4] = b"slow"
+    started = time.monotonic()
+    assert msync(m, PAGE, PAGE) == 0
+    assert time.monotonic() - started >= float(delay)
+    assert requests.since() == [("write", "ok"), ("fsync", "ok")]
+    assert _backing(backing, 1, 4) == b"slow"
+    fs.heal()
+    _close(fd, m)
+
+
 # --------------------------------------------------------------------------
 # The tests
 
@@ -314,6 +341,11 @@ def test_failing_fsync_fails_msync_of_clean_pages(fs: ErrFS, name: str) -> None:
 @pytest.mark.parametrize("name", ["EIO", "ENOSPC", "EINVAL"])
 def test_fsync_errors_are_not_recorded(fs: ErrFS, name: str) -> None:
     _run(fs, "child_fsync_fails", name)
+
+
+@needs_errfs
+def test_a_failure_once_and_a_slow_answer(fs: ErrFS) -> None:
+    _run(fs, "child_once_and_slow", "0.5")
 
 
 @needs_errfs
@@ -352,6 +384,16 @@ def test_control_file_syntax() -> None:
             parse_control(bad)
     with pytest.raises(ValueError, match="unknown operation 'read'"):
         parse_control("EIO read")
+    # A transient failure, and a slow device, alone or together.
+    assert parse("EIO write once") == Control({"write": errno.EIO}, True, {})
+    assert parse("delay 0.25") == Control({}, False, {"write": 0.25, "fsync": 0.25})
+    assert parse("ENOSPC fsync\ndelay 2 write\n") == Control(
+        {"fsync": errno.ENOSPC}, False, {"write": 2.0}
+    )
+    assert parse_control("delay 1 fsync\nEIO write") == {"write": errno.EIO}
+    for bad in ("delay", "delay soon", "delay -1", "delay 31", "delay 1 read"):
+        with pytest.raises(ValueError, match=r"delay|unknown operation"):
+            parse(bad)
 
 
 def test_arming_writes_the_control_file(tmp_path: Path) -> None:
@@ -365,6 +407,16 @@ def test_arming_writes_the_control_file(tmp_path: Path) -> None:
     assert parse_control(fs.control.read_text()) == {"write": errno.EBUSY}
     fs.fail_fsync("EIO")
     assert parse_control(fs.control.read_text()) == {"fsync": errno.EIO}
+    fs.fail_writes("EIO", fsync=False, once=True)
+    assert parse(fs.control.read_text()) == Control({"write": errno.EIO}, True, {})
+    fs.fail_writes("ENOSPC", fsync=False, delay=0.5)
+    assert parse(fs.control.read_text()) == Control(
+        {"write": errno.ENOSPC}, False, {"write": 0.5}
+    )
+    fs.slow(0.5, write=False)
+    assert parse(fs.control.read_text()) == Control({}, False, {"fsync": 0.5})
+    with pytest.raises(ValueError, match="write or fsync"):
+        fs.slow(1, write=False, fsync=False)
     # ENOSYS would switch FSYNC off for the rest of the mount.
     with pytest.raises(ValueError, match="ENOSYS"):
         fs.fail_fsync("ENOSYS")

@@ -10,9 +10,12 @@ nor, without MS_INVALIDATE over locked pages, for EBUSY: so every one of
 them raises WritebackError, and no later flush of that file succeeds until
 clear_writeback_error.
 
-Issue 15, point 4: a write-out that MS_ASYNC started and that fails is not
-silent either: the write-out thread records it, so the next flush of that
-file, MS_ASYNC included, raises WritebackError.
+Issue 20: MS_ASYNC's early write-out leaves FUSE files alone (closing a
+FUSE descriptor makes the kernel write the file back and wait, send a
+FLUSH, and clear the errors a later close() would report): their dirty
+pages wait for the kernel, and the next MS_SYNC reports a failure as it
+does for any file. (A write-out that msyncext starts never waits for or
+checks its errors: test_side_effects.py.)
 
 errfs (tests/errfs.py) is a FUSE passthrough whose WRITE (and FSYNC)
 requests answer the errno a test chooses; its daemon runs in its own
@@ -134,39 +137,36 @@ def child_failed_fsync_is_recorded(directory: str) -> None:
     os.close(fd)
 
 
-def child_failed_write_out_is_recorded(directory: str) -> None:
+def child_ms_async_leaves_fuse_files_to_the_kernel(directory: str) -> None:
     import msyncext
 
     fs = ErrFS(Path(directory))
     fd, m, backing = _map(fs, "async.bin")
     fs.fail_writes("EIO", fsync=False)
     m[2 * PAGE : 2 * PAGE + 4] = b"gone"
-    # MS_ASYNC returns at once; the write-out it started fails in the
-    # background, and the next flush of the file says so, MS_ASYNC or not.
+    before = len(fs.events())
     msyncext.flush(m, 2 * PAGE, 4, flags=msyncext.MS_ASYNC)
-    deadline = time.monotonic() + 20
-    seen: list[int | None] = []
-    while not seen:
-        try:
-            msyncext.flush(m, 0, 1, flags=msyncext.MS_ASYNC)
-        except msyncext.WritebackError as exc:
-            seen.append(exc.errno)
-        assert time.monotonic() < deadline, "the failed write-out went unnoticed"
-        time.sleep(0.01)
-    assert seen == [errno.EIO]
-    assert _backing(backing, 2, 4) == bytes(4)
-    with pytest.raises(msyncext.WritebackError):
-        msyncext.flush(m)  # and the MS_SYNC flush that would now return 0
-    fs.heal()
-    m[2 * PAGE : 2 * PAGE + 4] = b"back"
-    assert msyncext.clear_writeback_error(m) == errno.EIO
-    # The map's own open file has not been told yet (the kernel tells each
-    # open file once, and it was the write-out thread's that heard it): its
-    # first MS_SYNC reports the same failure once more, and it is recorded
-    # again. Cleared a second time, the rewritten data goes through.
+    # On today's main msyncext's thread opens, writes out and closes the
+    # file: the daemon sees a WRITE (answered EIO) and a FLUSH. Nor may the
+    # thread make its own descriptor table while this process holds a FUSE
+    # descriptor below 64 (the kernel copies those and closes the copies,
+    # and each close of a FUSE file writes it back and sends a FLUSH).
+    time.sleep(1.0)
+    assert fs.events()[before:] == [], fs.events()[before:]
+    state, why = msyncext._msync.writeout_status()
+    assert (state, f"descriptor {fd} is on a file system") == (
+        "unavailable",
+        why[: len(f"descriptor {fd} is on a file system")],
+    ), why
+    # The failure comes with the MS_SYNC that writes the page, and stays.
     with pytest.raises(msyncext.WritebackError) as info:
         msyncext.flush(m)
     assert info.value.errno == errno.EIO
+    assert _backing(backing, 2, 4) == bytes(4)
+    with pytest.raises(msyncext.WritebackError):
+        msyncext.flush(m, 0, 1, flags=msyncext.MS_ASYNC)
+    fs.heal()
+    m[2 * PAGE : 2 * PAGE + 4] = b"back"
     assert msyncext.clear_writeback_error(m) == errno.EIO
     msyncext.flush(m)
     assert _backing(backing, 2, 4) == b"back"
@@ -192,6 +192,8 @@ def test_a_failed_fsync_is_recorded(fs: ErrFS) -> None:
 
 
 @needs_errfs
-def test_a_failed_write_out_started_by_ms_async_is_recorded(fs: ErrFS) -> None:
-    """Issue 15, point 4."""
-    _run(fs, "child_failed_write_out_is_recorded")
+def test_ms_async_leaves_fuse_files_to_the_kernel(fs: ErrFS) -> None:
+    """Issue 20: no early write-out of FUSE files; the next MS_SYNC reports a
+    failed write and the record keeps it (on today's main the thread's WRITE
+    and FLUSH reach the daemon within the second)."""
+    _run(fs, "child_ms_async_leaves_fuse_files_to_the_kernel")

@@ -644,44 +644,60 @@ def _failing_btrfs() -> Iterator[str]:
         yield mountpoint
 
 
-def _maps_identity(address: int) -> tuple[str, int]:
-    """(device as "major:minor", inode) that /proc/self/maps shows."""
+def _maps_line(address: int) -> str:
+    """The /proc/self/maps line of the mapping that covers ``address``."""
     with open("/proc/self/maps") as f:
         for line in f:
-            fields = line.split()
-            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
             if lo <= address < hi:
-                return fields[3], int(fields[4])
+                return line.rstrip("\n")
     raise AssertionError(f"{address:#x} is not mapped")
+
+
+def _maps_identity(address: int) -> tuple[str, int]:
+    """(device as "major:minor", inode) that /proc/self/maps shows."""
+    fields = _maps_line(address).split()
+    return fields[3], int(fields[4])
+
+
+@contextlib.contextmanager
+def _subvolume_maps(root: str) -> Iterator[tuple[mmap.mmap, mmap.mmap]]:
+    """Maps of all of sub_a/f and sub_b/f of _failing_btrfs, once the facts
+    that make the two files hard to tell apart are checked: the same inode
+    number and, in the maps, the same device; only stat tells them apart.
+    Closed on leaving."""
+    fa = os.open(f"{root}/sub_a/f", os.O_RDWR)
+    fb = os.open(f"{root}/sub_b/f", os.O_RDWR)
+    try:
+        sa, sb = os.fstat(fa), os.fstat(fb)
+        with mmap.mmap(fa, FILE_BYTES) as ma, mmap.mmap(fb, 16 * PAGE) as mb:
+            seen_a = _maps_identity(faults._address(ma))
+            seen_b = _maps_identity(faults._address(mb))
+            print(f"stat: dev {sa.st_dev} / {sb.st_dev}, ino {sa.st_ino} / {sb.st_ino}")
+            print(f"/proc/self/maps: {seen_a} / {seen_b}")
+            assert sa.st_ino == sb.st_ino == 257
+            assert seen_a == seen_b
+            assert sa.st_dev != sb.st_dev
+            yield ma, mb
+    finally:
+        os.close(fb)
+        os.close(fa)
 
 
 def _btrfs_subvolumes(root: str) -> None:
     import msyncext
 
-    fa = os.open(f"{root}/sub_a/f", os.O_RDWR)
-    fb = os.open(f"{root}/sub_b/f", os.O_RDWR)
-    ma = mmap.mmap(fa, FILE_BYTES)
-    mb = mmap.mmap(fb, 16 * PAGE)
-    sa, sb = os.fstat(fa), os.fstat(fb)
-    at_a, at_b = faults._address(ma), faults._address(mb)
-    seen_a, seen_b = _maps_identity(at_a), _maps_identity(at_b)
-    print(f"stat: dev {sa.st_dev} / {sb.st_dev}, ino {sa.st_ino} / {sb.st_ino}")
-    print(f"/proc/self/maps: {seen_a} / {seen_b}")
-    # The facts the point rests on: the same inode number and, in the maps,
-    # the same device; only stat tells the two files apart.
-    assert sa.st_ino == sb.st_ino == 257
-    assert seen_a == seen_b
-    assert sa.st_dev != sb.st_dev
-
-    for offset in range(0, FILE_BYTES, PAGE):
-        ma[offset : offset + faults.MARK] = os.urandom(faults.MARK)
-    first = faults._first_failure(ma)
-    outcomes = {
-        "flush(sub_b/f)": _outcome(lambda: msyncext.flush(mb)),
-        "MS_INVALIDATE over sub_b/f's mlocked page": _reaches_msync(mb, at_b),
-        "clear_writeback_error(sub_b/f)": repr(msyncext.clear_writeback_error(mb)),
-        "flush(sub_a/f) after that": _outcome(lambda: msyncext.flush(ma)),
-    }
+    with _subvolume_maps(root) as (ma, mb):
+        at_b = faults._address(mb)
+        for offset in range(0, FILE_BYTES, PAGE):
+            ma[offset : offset + faults.MARK] = os.urandom(faults.MARK)
+        first = faults._first_failure(ma)
+        outcomes = {
+            "flush(sub_b/f)": _outcome(lambda: msyncext.flush(mb)),
+            "MS_INVALIDATE over sub_b/f's mlocked page": _reaches_msync(mb, at_b),
+            "clear_writeback_error(sub_b/f)": repr(msyncext.clear_writeback_error(mb)),
+            "flush(sub_a/f) after that": _outcome(lambda: msyncext.flush(ma)),
+        }
     expected = {
         "flush(sub_b/f)": "ok",
         "MS_INVALIDATE over sub_b/f's mlocked page": "OSError(EBUSY)",
@@ -689,10 +705,6 @@ def _btrfs_subvolumes(root: str) -> None:
         "flush(sub_a/f) after that": _refused(first),
     }
     assert outcomes == expected, f"after sub_a/f failed: {outcomes}"
-    mb.close()
-    ma.close()
-    os.close(fb)
-    os.close(fa)
 
 
 @needs_loop

@@ -4,7 +4,9 @@ On Linux msync(MS_ASYNC) itself does nothing: the pages stay dirty until
 the flusher threads take them (vm.dirty_expire_centisecs, 30 s). msyncext's
 MS_ASYNC hands the file range to a background thread that starts writing
 it at once (sync_file_range), so the pages are under write-back or clean
-within a moment, and the call returns without waiting for the device.
+within a moment; the call waits for that hand-over (bounded), never for
+the device. What the thread must not do to the rest of the process is
+tested in test_side_effects.py.
 
 Children run the scenarios that involve process state (the thread, fork,
 exit, subinterpreters), so that each starts from a process without the
