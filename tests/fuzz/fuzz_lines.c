@@ -20,8 +20,8 @@
  * memory safety the target checks what msyncext.h promises: each line lies
  * in the buffer, is NUL-terminated there, is at most cap - 1 bytes, and the
  * lines are exactly those of the bytes the source gave (the start of a
- * longer line, flagged cut); parsed fields lie within their line; an
- * unescaped name fits its buffer and holds no NUL.
+ * longer line, flagged cut); parsed fields lie within their line, in
+ * order; an unescaped name fits its buffer and holds no NUL.
  *
  * Build and run: .ci/fuzz.sh (clang -fsanitize=fuzzer,address,undefined).
  */
@@ -112,6 +112,13 @@ check_unescape(const char *name, size_t len, size_t dst_size)
     free(dst);
 }
 
+/* [at, at + n) lies within the line's len bytes. */
+static int
+within(const char *line, size_t len, const char *at, size_t n)
+{
+    return at >= line && at <= line + len && n <= (size_t)(line + len - at);
+}
+
 static void
 check_parsers(const char *line, size_t len, size_t dst_size)
 {
@@ -124,8 +131,9 @@ check_parsers(const char *line, size_t len, size_t dst_size)
     memcpy(copy, line, len);
     if (parse_maps_line(copy, len, &m)) {
         CHECK(m.start <= m.end);
-        CHECK(m.name >= copy && m.name <= copy + len);
-        CHECK(m.name_len == (size_t)(copy + len - m.name));
+        /* The name runs to the line's end. */
+        CHECK(within(copy, len, m.name, m.name_len)
+              && m.name + m.name_len == copy + len);
         check_unescape(m.name, m.name_len, dst_size);
     }
     else {
@@ -133,8 +141,19 @@ check_parsers(const char *line, size_t len, size_t dst_size)
     }
     if (parse_mountinfo_line(copy, len, &mi)) {
         CHECK(mi.mount_id >= 0);
-        CHECK(mi.fstype > copy && mi.fstype_len > 0
-              && mi.fstype_len <= (size_t)(copy + len - mi.fstype));
+        /* In the line and in its order; only the super options may be
+         * empty. Paths as printed go through unescape_name too. */
+        CHECK(within(copy, len, mi.root, mi.root_len) && mi.root_len > 0);
+        CHECK(within(copy, len, mi.mount_point, mi.mount_point_len)
+              && mi.mount_point_len > 0
+              && mi.mount_point >= mi.root + mi.root_len);
+        CHECK(within(copy, len, mi.fstype, mi.fstype_len)
+              && mi.fstype_len > 0
+              && mi.fstype >= mi.mount_point + mi.mount_point_len);
+        CHECK(within(copy, len, mi.super_options, mi.super_options_len)
+              && mi.super_options >= mi.fstype + mi.fstype_len);
+        check_unescape(mi.root, mi.root_len, dst_size);
+        check_unescape(mi.mount_point, mi.mount_point_len, dst_size);
     }
     free(copy);
 }

@@ -81,7 +81,10 @@ write(
     + b"25 1 8:1 / / rw shared:1 master:2\n"  # no separator
     + b"26 1 8:1 / / rw -\n"  # no fstype
     + b"27 1 8:1 / / rw - \n"
-    + b"28 1 4294967296:1 / / rw - ext4 x rw\n",  # major past 32 bits
+    + b"28 1 4294967296:1 / / rw - ext4 x rw\n"  # major past 32 bits
+    + b"29 1 8:1\n"  # no root, no mount point
+    + b"30 1 8:1 / / rw - ext4\n"  # no source, no super options
+    + b"31 1 8:1 / / rw - ext4 /dev/x\n",  # no super options
 )
 
 # A name longer than any buffer the reader is given here, then a short line.
