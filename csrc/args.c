@@ -97,7 +97,17 @@ as_count(PyObject *obj, Py_ssize_t *out, PyObject **index)
         Py_INCREF(obj);
         value = obj;
     }
+    else if (PyLong_Check(obj) && !PyBool_Check(obj)
+             && (result = PyLong_AsSsize_t(obj)) >= 0) {
+        /* An int subclass, such as flush_ranges' default max_gap (an int
+         * that help() shows by name): its value, which is what
+         * PyNumber_Index would copy out (it never calls an int's
+         * __index__), without allocating the copy. */
+        *out = result;
+        return COUNT_OK;
+    }
     else {
+        PyErr_Clear();  /* a subclass's overflow above: said below */
         if (PyBool_Check(obj) || !PyIndex_Check(obj))
             return COUNT_NOT_INTEGER;
         value = PyNumber_Index(obj);

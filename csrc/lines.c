@@ -217,9 +217,9 @@ parse_mountinfo_line(const char *line, size_t len, mountinfo_line *out)
         || !expect(&c, ' ') || !number(&c, 10, &major) || !expect(&c, ':')
         || !number(&c, 10, &minor))
         return 0;
-    if (id > INT32_MAX || major > UINT32_MAX || minor > UINT32_MAX)
+    if (id > INT32_MAX || parent > INT32_MAX || major > UINT32_MAX
+        || minor > UINT32_MAX)
         return 0;
-    (void)parent;
     /* root, mount point, options, optional fields..., "-", fstype, source,
      * super options */
     if (!field(&c, &out->root, &out->root_len)
@@ -241,8 +241,45 @@ parse_mountinfo_line(const char *line, size_t len, mountinfo_line *out)
         out->super_options_len = 0;
     }
     out->mount_id = (int)id;
+    out->parent_id = (int)parent;
     out->dev = (major << 32) | minor;
     return 1;
+}
+
+int
+parse_locks_line(const char *line, size_t len, locks_line *out)
+{
+    cursor c = {line, line + len};
+    uint64_t id, major, minor, ino;
+    const char *tok;
+    size_t tok_len;
+
+    /* "1: LEASE  ACTIVE    WRITE 1234 08:01:5678 0 EOF"; a waiter's line
+     * has "->" after the number. */
+    if (!number(&c, 10, &id) || !expect(&c, ':'))
+        return 0;
+    if (!field(&c, &tok, &tok_len))
+        return 0;
+    if (tok_len == 2 && memcmp(tok, "->", 2) == 0 && !field(&c, &tok, &tok_len))
+        return 0;
+    out->lease = (tok_len == 5 && memcmp(tok, "LEASE", 5) == 0)
+                 || (tok_len == 5 && memcmp(tok, "DELEG", 5) == 0);
+    /* The first field of the form hex:hex:decimal is the file. */
+    for (;;) {
+        cursor f;
+        if (!field(&c, &tok, &tok_len))
+            return 0;
+        f.at = tok;
+        f.end = tok + tok_len;
+        if (number(&f, 16, &major) && expect(&f, ':') && number(&f, 16, &minor)
+            && expect(&f, ':') && number(&f, 10, &ino) && f.at == f.end) {
+            if (major > UINT32_MAX || minor > UINT32_MAX)
+                return 0;
+            out->dev = (major << 32) | minor;
+            out->ino = ino;
+            return 1;
+        }
+    }
 }
 
 size_t

@@ -145,6 +145,17 @@ open_maps(void)
     return open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
 }
 
+/* This thread's view of the mounts (/proc/self is the main thread's, gone
+ * once it exits; thread-self is Linux 3.17+). */
+static int
+open_mountinfo(void)
+{
+    int fd = open("/proc/thread-self/mountinfo", O_RDONLY | O_CLOEXEC);
+    if (fd < 0 && errno == ENOENT)
+        fd = open("/proc/self/mountinfo", O_RDONLY | O_CLOEXEC);
+    return fd;
+}
+
 void
 maps_init(void)
 {
@@ -377,7 +388,7 @@ typedef struct {
 static int
 read_mounts(int mount_id, uint64_t dev, mount_facts *out)
 {
-    proc_source src = {open("/proc/self/mountinfo", O_RDONLY | O_CLOEXEC), 0};
+    proc_source src = {open_mountinfo(), 0};
     line_reader reader;
     char *buf, *line;
     size_t len;
@@ -419,8 +430,8 @@ static int
 closing_does_work(const char *fstype, size_t len)
 {
     static const char *const types[] = {
-        "fuse", "fuseblk", "nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph",
-        "9p", "orangefs", "afs", "coda", "ecryptfs", NULL,
+        "fuse", "fuseblk", "virtiofs", "nfs", "nfs4", "cifs", "smb3",
+        "smbfs", "ceph", "9p", "orangefs", "afs", "coda", "ecryptfs", NULL,
     };
     size_t i;
     if (len >= 5 && memcmp(fstype, "fuse.", 5) == 0)
@@ -435,7 +446,7 @@ closing_does_work(const char *fstype, size_t len)
 int
 mounts_closing_does_work(int *ids, size_t max, size_t *n)
 {
-    proc_source src = {open("/proc/self/mountinfo", O_RDONLY | O_CLOEXEC), 0};
+    proc_source src = {open_mountinfo(), 0};
     line_reader reader;
     char *buf, *line;
     size_t len;
@@ -472,13 +483,16 @@ inodes_ambiguous(uint64_t dev)
     mount_facts facts;
 
     /* btrfs and bcachefs number inodes per subvolume, and every subvolume
-     * shows the superblock's device in the maps. A device no mount shows
-     * (a file system mounted in another namespace, an overlay's upper
-     * layer seen from a container) could be one of those. */
+     * shows the superblock's device in the maps. An overlay's inode
+     * numbers are unique only in some configurations (one file system
+     * below it, or xino). A device no mount shows (a file system mounted
+     * in another namespace, an overlay's upper layer seen from a
+     * container) could be any of those. */
     if (read_mounts(-1, dev, &facts) != 0 || facts.fstype[0] == '\0')
         return 1;
     return strcmp(facts.fstype, "btrfs") == 0
-           || strcmp(facts.fstype, "bcachefs") == 0;
+           || strcmp(facts.fstype, "bcachefs") == 0
+           || strcmp(facts.fstype, "overlay") == 0;
 }
 
 static int
@@ -630,7 +644,7 @@ resolve_view(const char *path, file_id *id)
     v.path = path;
     v.best = (size_t)-1;
     v.upper[0] = '\0';
-    src.fd = open("/proc/self/mountinfo", O_RDONLY | O_CLOEXEC);
+    src.fd = open_mountinfo();
     if (src.fd < 0)
         return 0;
     buf = malloc(PARSE_BUFFER + PATH_SIZE);
@@ -682,6 +696,166 @@ is_overlay(uint64_t dev)
     mount_facts facts;
     return read_mounts(-1, dev, &facts) == 0
            && strcmp(facts.fstype, "overlay") == 0;
+}
+
+/* ------------------------------------------------------------------------
+ * The mount table and the leases, for the write-out's way to a file
+ */
+
+static int
+mount_kind(const char *fstype, size_t len)
+{
+    if (closing_does_work(fstype, len))
+        return MOUNT_CLOSE_WORKS;
+    if (len == 7 && memcmp(fstype, "overlay", 7) == 0)
+        return MOUNT_OVERLAY;
+    if ((len == 5 && memcmp(fstype, "btrfs", 5) == 0)
+        || (len == 8 && memcmp(fstype, "bcachefs", 8) == 0))
+        return MOUNT_SUBVOLUMES;
+    return MOUNT_PLAIN;
+}
+
+void
+mount_table_free(mount_table *t)
+{
+    size_t i;
+    for (i = 0; i < t->len; i++)
+        free(t->items[i].point);
+    free(t->items);
+    t->items = NULL;
+    t->len = 0;
+}
+
+int
+mount_table_read(mount_table *t)
+{
+    proc_source src = {open_mountinfo(), 0};
+    line_reader reader;
+    char *buf, *line;
+    size_t len, cap = 0;
+    int cut, rc, err = 0;
+
+    t->items = NULL;
+    t->len = 0;
+    if (src.fd < 0)
+        return errno;
+    buf = malloc(PARSE_BUFFER + PATH_SIZE);
+    if (buf == NULL) {
+        close(src.fd);
+        return ENOMEM;
+    }
+    line_reader_init(&reader, buf, PARSE_BUFFER, read_proc, &src);
+    while ((rc = line_next(&reader, &line, &len, &cut)) == 1) {
+        mountinfo_line m;
+        mount_entry *e;
+        char *point = buf + PARSE_BUFFER;
+        size_t n;
+
+        if (!parse_mountinfo_line(line, len, &m))
+            continue;
+        n = unescape_name(m.mount_point, m.mount_point_len, point, PATH_SIZE);
+        if (t->len == cap) {
+            size_t grown_cap = cap ? 2 * cap : 64;
+            mount_entry *grown = realloc(t->items, grown_cap * sizeof(*grown));
+            if (grown == NULL) {
+                err = ENOMEM;
+                break;
+            }
+            t->items = grown;
+            cap = grown_cap;
+        }
+        e = &t->items[t->len];
+        e->id = m.mount_id;
+        e->parent = m.parent_id;
+        e->dev = m.dev;
+        e->kind = mount_kind(m.fstype, m.fstype_len);
+        /* A line cut short or a point that cannot be a C string names no
+         * place: kept (for its id and parent), never matched. */
+        e->point = !cut && n != (size_t)-1 ? strdup(point) : NULL;
+        if (!cut && n != (size_t)-1 && e->point == NULL) {
+            err = ENOMEM;
+            break;
+        }
+        t->len++;
+    }
+    if (err == 0 && rc < 0)
+        err = reader.err;
+    free(buf);
+    close(src.fd);
+    if (err != 0)
+        mount_table_free(t);
+    return err;
+}
+
+int
+leases_read(uint64_t **pairs, size_t *n)
+{
+    proc_source src = {open("/proc/locks", O_RDONLY | O_CLOEXEC), 0};
+    line_reader reader;
+    char *buf, *line;
+    size_t len, cap = 0;
+    int cut, rc, err = 0;
+
+    *pairs = NULL;
+    *n = 0;
+    if (src.fd < 0)
+        return errno;
+    buf = malloc(PARSE_BUFFER);
+    if (buf == NULL) {
+        close(src.fd);
+        return ENOMEM;
+    }
+    line_reader_init(&reader, buf, PARSE_BUFFER, read_proc, &src);
+    while ((rc = line_next(&reader, &line, &len, &cut)) == 1) {
+        locks_line l;
+        if (!parse_locks_line(line, len, &l) || !l.lease)
+            continue;
+        if (*n == cap) {
+            size_t grown_cap = cap ? 2 * cap : 16;
+            uint64_t *grown = realloc(*pairs, grown_cap * 2 * sizeof(*grown));
+            if (grown == NULL) {
+                err = ENOMEM;
+                break;
+            }
+            *pairs = grown;
+            cap = grown_cap;
+        }
+        (*pairs)[2 * *n] = l.dev;
+        (*pairs)[2 * *n + 1] = l.ino;
+        (*n)++;
+    }
+    if (err == 0 && rc < 0)
+        err = reader.err;
+    free(buf);
+    close(src.fd);
+    if (err != 0) {
+        free(*pairs);
+        *pairs = NULL;
+        *n = 0;
+    }
+    return err;
+}
+
+int
+mount_id_of(int fd)
+{
+    char path[64], text[1024], *at;
+    int info, id;
+    ssize_t got;
+
+    snprintf(path, sizeof(path), "/proc/thread-self/fdinfo/%d", fd);
+    info = open(path, O_RDONLY | O_CLOEXEC);
+    if (info < 0)
+        return -1;
+    got = read(info, text, sizeof(text) - 1);
+    close(info);
+    if (got <= 0)
+        return -1;
+    text[got] = '\0';
+    at = strstr(text, "mnt_id:");
+    if (at == NULL || sscanf(at + 7, "%d", &id) != 1)
+        return -1;
+    return id;
 }
 
 int
@@ -751,6 +925,35 @@ mounts_closing_does_work(int *ids, size_t max, size_t *n)
     (void)max;
     *n = 0;
     return ENOSYS;
+}
+
+int
+mount_table_read(mount_table *t)
+{
+    t->items = NULL;
+    t->len = 0;
+    return ENOSYS;
+}
+
+void
+mount_table_free(mount_table *t)
+{
+    (void)t;
+}
+
+int
+leases_read(uint64_t **pairs, size_t *n)
+{
+    *pairs = NULL;
+    *n = 0;
+    return ENOSYS;
+}
+
+int
+mount_id_of(int fd)
+{
+    (void)fd;
+    return -1;
 }
 
 int

@@ -323,32 +323,56 @@ to_evict(PyObject *obj, int flags, int *out)
 #endif
 }
 
+/* Pages of [start, start + length) in the page cache (mincore: for a map
+ * of a file one may write, the file's cache, mapped here or not), or -1 if
+ * it cannot say. */
+static long long
+pages_resident(char *start, size_t length, size_t pagesize)
+{
+    unsigned char vec[4096];
+    long long count = 0;
+    size_t done = 0;
+
+    while (done < length) {
+        size_t chunk = length - done, pages, i;
+        if (chunk > sizeof(vec) * pagesize)
+            chunk = sizeof(vec) * pagesize;
+        pages = (chunk + pagesize - 1) / pagesize;
+        if (mincore(start + done, chunk, vec) != 0)
+            return -1;
+        for (i = 0; i < pages; i++)
+            count += vec[i] & 1;
+        done += chunk;
+    }
+    return count;
+}
+
 /* Drop the span's pages from the page cache now that they are clean:
- * MADV_PAGEOUT reclaims the pages this process alone maps, and the file's
- * own page cache is told to let go of what that left cached (writeout.c).
- * Both are best effort: a folio that another CPU holds in its LRU batch at
- * that moment can be neither paged out nor dropped. So what is left is
- * counted (cachestat), and if anything is, both are tried once more: by
- * then POSIX_FADV_DONTNEED has drained every CPU's batch. 0, or an errno. */
+ * MADV_PAGEOUT reclaims the pages this process alone maps, and the
+ * write-out thread has the file's own page cache let go of what that left
+ * cached (writeout.c). Both are best effort: a folio that another CPU
+ * holds in its LRU batch at that moment can be neither paged out nor
+ * dropped. So what is left is counted (mincore) and, if anything is, both
+ * are tried once more: by then POSIX_FADV_DONTNEED has drained every CPU's
+ * batch. 0, or an errno. */
 static int
-evict_span(char *start, size_t length)
+evict_span(char *start, size_t length, size_t pagesize)
 {
 #if defined(MADV_PAGEOUT)
     int attempt, rc = 0;
-    long long left = 0;
 
     for (attempt = 0; attempt < 2; attempt++) {
         if (madvise(start, length, MADV_PAGEOUT) != 0)
             return errno;
-        rc = writeout_drop_cached((uintptr_t)start,
-                                  (uintptr_t)start + length, &left);
-        if (rc != 0 || left == 0)
+        rc = writeout_drop_cached((uintptr_t)start, (uintptr_t)start + length);
+        if (rc != 0 || pages_resident(start, length, pagesize) == 0)
             break;
     }
     return rc;
 #else
     (void)start;
     (void)length;
+    (void)pagesize;
     return ENOSYS;
 #endif
 }
@@ -418,7 +442,8 @@ PyDoc_STRVAR(flush_doc,
 "cache. The GIL is released for the syscall, and the mapping under buf\n"
 "cannot be closed or resized meanwhile. Raises OSError (errno kept) if\n"
 "msync refuses the call, WritebackError if write-back of the file failed,\n"
-"now or in an earlier flush.");
+"now or in an earlier flush, and TypeError for a copy that maps no file\n"
+"(bytes such as m[100:105], bytearray, array.array): flush(m, 100, 5).");
 
 static PyObject *
 msync_flush(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
@@ -476,7 +501,7 @@ msync_flush(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
     Py_BEGIN_ALLOW_THREADS
     outcome = sync_span(start, length, flags, &rep, &wait_for);
     if (outcome == SYNC_OK && evict)
-        evicted = evict_span(start, length);
+        evicted = evict_span(start, length, (size_t)st->pagesize);
     writeout_wait(wait_for);
     if (leave)
         writeout_leave();

@@ -6,7 +6,8 @@
  *   - pin.c: buffers: a contiguous export of the caller's object, plus an
  *     export of the object that owns the mapping when the caller's object
  *     does not keep it mapped (numpy.memmap drops its own export of the
- *     mmap);
+ *     mmap); memory that is a copy (bytes, bytearray, array.array, and
+ *     views of them) refused;
  *   - batch.c: ranges: (offset, size) pairs checked, turned into covering
  *     page runs, sorted and merged (flush_ranges);
  *   - lines.c: lines of the kernel's text files read into a fixed buffer,
@@ -88,7 +89,7 @@ typedef struct {
 int parse_maps_line(const char *line, size_t len, maps_line *out);
 
 typedef struct {
-    int mount_id;
+    int mount_id, parent_id;
     uint64_t dev;               /* the superblock's: major << 32 | minor */
     /* within the line, as printed (octal escapes): */
     const char *root;           /* the mount's root within its file system */
@@ -103,6 +104,14 @@ typedef struct {
 
 /* A /proc/self/mountinfo line: 1 parsed, 0 malformed. */
 int parse_mountinfo_line(const char *line, size_t len, mountinfo_line *out);
+
+typedef struct {
+    int lease;                  /* a lease or an NFS delegation */
+    uint64_t dev, ino;          /* the file's superblock device and inode */
+} locks_line;
+
+/* A /proc/locks line: 1 parsed, 0 malformed (or no file named). */
+int parse_locks_line(const char *line, size_t len, locks_line *out);
 
 /* A name as the kernel printed it (octal escapes such as "\012") into a C
  * string in dst: its length, or (size_t)-1 if it does not fit or holds a
@@ -161,13 +170,35 @@ int is_overlay(uint64_t dev);
  * show it, into *id: 1, else 0 (id unchanged). Opens nothing. */
 int resolve_view(const char *path, file_id *id);
 /* 1 if the file system on superblock device dev may give one inode number
- * to files in several subvolumes (btrfs, bcachefs), or cannot be found in
- * /proc/self/mountinfo; 0 if device and inode name one file. */
+ * to several files (btrfs and bcachefs subvolumes, an overlay whose layers
+ * differ), or cannot be found in /proc/self/mountinfo; 0 if device and
+ * inode name one file. */
 int inodes_ambiguous(uint64_t dev);
 /* The ids of the mounts (as /proc/self/mountinfo and fdinfo's mnt_id give
  * them) of file systems whose files do work when any descriptor of them is
  * closed (FUSE, NFS, SMB, ...): 0, E2BIG if more than max, or an errno. */
 int mounts_closing_does_work(int *ids, size_t max, size_t *n);
+
+/* The mount table, for the write-out's way to a file. */
+enum { MOUNT_PLAIN = 0, MOUNT_SUBVOLUMES, MOUNT_OVERLAY, MOUNT_CLOSE_WORKS };
+typedef struct {
+    int id, parent;
+    uint64_t dev;       /* the superblock's */
+    int kind;           /* MOUNT_* */
+    char *point;        /* unescaped; NULL if it cannot be named */
+} mount_entry;
+typedef struct {
+    mount_entry *items;
+    size_t len;
+} mount_table;
+/* This thread's /proc/.../mountinfo: 0, or an errno (t empty). */
+int mount_table_read(mount_table *t);
+void mount_table_free(mount_table *t);
+/* The files that hold a lease or an NFS delegation, as (device, inode)
+ * pairs (/proc/locks; those of this pid namespace): 0, or an errno. */
+int leases_read(uint64_t **pairs, size_t *n);
+/* The mount id of descriptor fd of this thread's table (fdinfo), or -1. */
+int mount_id_of(int fd);
 /* 1 where mapping_at can tell files apart (Linux), else 0. */
 int maps_can_identify(void);
 /* How: "PROCMAP_QUERY", "/proc/self/maps" (parsed), or "none". */
@@ -261,10 +292,10 @@ void writeout_leave(void);
 int writeout_start(uintptr_t lo, uintptr_t hi, unsigned long long *wait_for);
 /* Wait, briefly (bounded), until that hand-over is done. */
 void writeout_wait(unsigned long long batch);
-/* After MADV_PAGEOUT of [lo, hi): drop what the file's page cache kept of
- * it; *left is how many of its pages are still cached (-1: unknown). 0 or
- * an errno. */
-int writeout_drop_cached(uintptr_t lo, uintptr_t hi, long long *left);
+/* After MADV_PAGEOUT of [lo, hi): have the thread drop what the file's
+ * page cache kept of it (waiting briefly, bounded). 0 or a lookup's
+ * errno. */
+int writeout_drop_cached(uintptr_t lo, uintptr_t hi);
 /* Wait up to seconds until everything queued is handed to the kernel. */
 void writeout_drain(double seconds);
 /* The state, and why it is WO_UNAVAILABLE or WO_BLOCKED. */

@@ -19,6 +19,93 @@ is_mmap(module_state *st, PyObject *obj)
     return PyType_IsSubtype(Py_TYPE(obj), (PyTypeObject *)st->mmap_type);
 }
 
+/* bytes and bytearray (subclasses too) hold memory of their own: never a
+ * mapping of a file. */
+static int
+is_bytes_copy(PyObject *obj)
+{
+    return PyBytes_Check(obj) || PyByteArray_Check(obj);
+}
+
+/* Whether obj is an array.array (or a subclass): 1, 0, or -1 with an
+ * exception set. The type is found in sys.modules, never imported: array
+ * imports collections.abc, which would triple the cost of importing
+ * msyncext, and no array.array exists in an interpreter that has not
+ * imported it. Looked up each time rather than kept: only buffers that no
+ * mmap owns come here, and nothing is shared between threads. */
+static int
+is_array_array(PyObject *obj)
+{
+    PyObject *name = PyUnicode_FromString("array"), *module, *type;
+    int found = 0;
+
+    if (name == NULL)
+        return -1;
+    module = PyImport_GetModule(name);
+    if (module == NULL) {
+        Py_DECREF(name);
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    type = PyObject_GetAttr(module, name);
+    Py_DECREF(module);
+    Py_DECREF(name);
+    if (type == NULL) {
+        PyErr_Clear();  /* sys.modules["array"] is not the standard module */
+        return 0;
+    }
+    if (PyType_Check(type))
+        found = PyObject_TypeCheck(obj, (PyTypeObject *)type);
+    Py_DECREF(type);
+    return found;
+}
+
+/* obj's type as a user would write it: "bytes", "array.array",
+ * "numpy.ndarray". A new reference, or NULL with an exception set. */
+static PyObject *
+dotted_type_name(PyObject *obj)
+{
+    PyObject *type = (PyObject *)Py_TYPE(obj), *module, *qualname, *name;
+
+    qualname = PyType_GetQualName(Py_TYPE(obj));
+    if (qualname == NULL)
+        return NULL;
+    module = PyObject_GetAttrString(type, "__module__");
+    if (module == NULL || !PyUnicode_Check(module)
+        || PyUnicode_CompareWithASCIIString(module, "builtins") == 0) {
+        PyErr_Clear();
+        Py_XDECREF(module);
+        return qualname;
+    }
+    name = PyUnicode_FromFormat("%U.%U", module, qualname);
+    Py_DECREF(module);
+    Py_DECREF(qualname);
+    return name;
+}
+
+/* A TypeError for a buffer whose memory is a copy (owner: bytes, bytearray
+ * or array.array, at the end of obj's chain of owners). The commonest way
+ * there is slicing an mmap, which copies: the message names both fixes. */
+static void
+refuse_copy(PyObject *obj, PyObject *owner)
+{
+    PyObject *what = dotted_type_name(obj), *whose;
+
+    if (what == NULL)
+        return;
+    whose = owner == obj ? PyUnicode_FromString("") : dotted_type_name(owner);
+    if (whose != NULL) {
+        PyErr_Format(PyExc_TypeError,
+                     "buf (%U%s%U) is memory of its own, never a mapping of "
+                     "a file: msync would write back nothing (slicing an "
+                     "mmap.mmap, m[100:105], makes such a copy). Pass the map "
+                     "and the range, flush(m, 100, 5), or a view of the map, "
+                     "memoryview(m)[100:105]",
+                     what, owner == obj ? "" : " over ", whose);
+        Py_DECREF(whose);
+    }
+    Py_DECREF(what);
+}
+
 /* The memoryview a ctypes object made by from_buffer() keeps of its
  * source: its _objects is that memoryview, or a dict holding it. A new
  * reference, or NULL with nothing set. */
@@ -163,7 +250,8 @@ explain_buffer_failure(PyObject *obj)
  * while both exports live, mmap refuses close() and resize(). An exporter
  * whose chain ends elsewhere (an object that neither exposes its owner nor
  * keeps it exported) is pinned through its own export only; the README
- * says what that means. */
+ * says what that means. A chain that ends at a bytes, bytearray or
+ * array.array is refused with TypeError: that memory is a copy. */
 int
 pin_buffer(module_state *st, PyObject *obj, pinned *pin)
 {
@@ -175,12 +263,24 @@ pin_buffer(module_state *st, PyObject *obj, pinned *pin)
         return -1;
     }
     exporter = pin->view.obj;
-    if (exporter == NULL || (PyObject *)Py_TYPE(exporter) == st->mmap_type
-        || PyBytes_CheckExact(exporter) || PyByteArray_CheckExact(exporter))
+    /* A map itself, the common case: nothing more to look up. */
+    if (exporter == NULL || (PyObject *)Py_TYPE(exporter) == st->mmap_type)
         return 0;
     owner = mapping_owner(st, exporter);
     if (owner == NULL)
         goto error;
+    /* Memory that can never be a shared mapping of a file (a copy such as
+     * m[100:105]): msync would return 0 having synced nothing of any file,
+     * a silent success. The wrong kind of object, so TypeError. */
+    if ((PyObject *)Py_TYPE(owner) != st->mmap_type && !is_mmap(st, owner)) {
+        int copy = is_bytes_copy(owner) ? 1 : is_array_array(owner);
+        if (copy != 0) {
+            if (copy > 0)
+                refuse_copy(obj, owner);
+            Py_DECREF(owner);
+            goto error;
+        }
+    }
     if (owner != exporter && PyObject_CheckBuffer(owner)) {
         if (PyObject_GetBuffer(owner, &pin->owner, PyBUF_SIMPLE) == 0) {
             uintptr_t lo = (uintptr_t)pin->owner.buf;

@@ -26,8 +26,10 @@
  *   - An entry that cannot be told apart from another file refuses that
  *     file too, and is never cleared through it. Device and inode name one
  *     file while it exists, except where a file system numbers inodes per
- *     subvolume (btrfs, bcachefs, or a device no mount shows: "ambiguous").
- *     There, without a handle on both sides, the two are UNSURE.
+ *     subvolume (btrfs, bcachefs), an overlay whose real file could not be
+ *     found, or a device no mount shows: "ambiguous". There, without a
+ *     handle on both sides (or the very path the failed mapping showed),
+ *     the two are UNSURE.
  *   - A clear forgets only entries that are certainly the cleared file:
  *     equal handles, or the same device and inode on a file system where
  *     those name one file. (Without handles that file may be a new one with

@@ -10,10 +10,14 @@
  *     a file releases all the process's POSIX record locks on it (they
  *     belong to the descriptor table), so the file is opened and closed
  *     only by one thread whose descriptor table is its own and empty
- *     (close_range(0, ~0U, CLOSE_RANGE_UNSHARE), Linux 5.9+: the table is
- *     not copied, so no other descriptor is touched either). Where that is
- *     refused (a seccomp profile, an older kernel), nothing is started:
- *     MS_ASYNC is then the kernel's, and evict=True only pages out.
+ *     (close_range(0, ~0U, CLOSE_RANGE_UNSHARE), Linux 5.9+). The kernel
+ *     still copies the table's first 64 slots before closing the copies,
+ *     and closing a FUSE, NFS or SMB file does work (FUSE writes it back,
+ *     sends a FLUSH and clears the errors its owner's close() would
+ *     report), so the table is made private only while no descriptor
+ *     below 64 is on such a file system (table_copy_is_inert). Where that
+ *     is refused or unsafe, nothing is started: MS_ASYNC is then the
+ *     kernel's, and evict=True only pages out.
  *   - It never consumes an error that another descriptor would have seen:
  *     a failed write-back is marked seen by whoever waits for or checks it
  *     (fsync, MS_SYNC, sync_file_range with a WAIT flag), after which a
@@ -23,28 +27,37 @@
  *     file, reports a failure (and the record then refuses the file), as
  *     does anyone's fsync.
  *   - It never opens anything but the mapped regular file, and never
- *     blocks opening it: the mapping's path is opened O_PATH | O_NOFOLLOW
- *     (no FIFO is opened, no symlink followed, no device touched), checked
- *     to be a regular file with the mapping's inode on the mapping's file
- *     system, and only then reopened for reading through
- *     /proc/thread-self/fd, O_NONBLOCK. FUSE files are left alone: closing
- *     a FUSE descriptor makes the kernel write the file back, wait and send
- *     a FLUSH, and clears the errors a later close() would report.
+ *     blocks opening it. The path the mapping shows is walked from the
+ *     root of the mount of the mapping's device on which it lies, with
+ *     openat2(RESOLVE_NO_XDEV | RESOLVE_NO_SYMLINKS): no symlink is
+ *     followed and no other file system mounted on the way (a hung FUSE
+ *     server's, an overlay put over a directory) is entered. The end is
+ *     opened O_PATH | O_NOFOLLOW (no FIFO or device is opened), checked to
+ *     be a regular file with the mapping's inode number, and only then
+ *     reopened for reading through /proc/thread-self/fd, O_NONBLOCK. A
+ *     file someone holds a lease or an NFS delegation on (/proc/locks) is
+ *     not opened: the open would break it, and the lease holder's process
+ *     is sent SIGIO. FUSE, NFS and SMB files are never walked to at all.
  *   - It holds nothing once the call or its hand-over is done: a caller
  *     waits (at most WAIT_NS) until the thread has handed its range to the
  *     kernel and closed the file again, so a map closed right after can be
  *     unmounted. A file handed over moments before (RECENT_NS: a tight
- *     loop) is not waited for: its request joins the next hand-over.
+ *     loop) is not waited for: its request joins the next hand-over, and,
+ *     since the first pass skips pages still under write-back of an older
+ *     version, the file gets further passes later (later_ns), holding
+ *     nothing in between.
  *   - It leaves no thread idle: the thread (named "msyncext-wout", as `ps
  *     -L` shows) ends after IDLE_NS without work and is started again on
  *     the next request, so a process that forks later is single-threaded
  *     again (CPython 3.12+ warns at fork otherwise).
+ * Every wait is a futex wait with a relative, monotonic timeout: a step of
+ * the wall clock stretches no bound.
  *
- * overlayfs: a map shows the real (upper) file's inode but the overlay's
- * path, and a descriptor opened there belongs to the overlay, whose page
- * cache is empty: sync_file_range on it starts nothing. overlayfs passes
- * posix_fadvise through to the real file, and POSIX_FADV_DONTNEED starts
- * its write-out (it also drops clean pages of the range that nobody maps).
+ * overlayfs: a map shows the overlay's device and path, and a descriptor
+ * opened there belongs to the overlay, whose page cache is empty:
+ * sync_file_range on it starts nothing. overlayfs passes posix_fadvise
+ * through to the real file, and POSIX_FADV_DONTNEED starts its write-out
+ * (it also drops clean pages of the range that nobody maps).
  *
  * The queue holds files and offsets, never addresses: the map can be closed
  * or resized as soon as the call returns, and closing it cancels nothing.
@@ -92,23 +105,32 @@
 
 #if HAVE_WRITEOUT
 
+#include <linux/futex.h>
+#include <limits.h>
+
 /* The same numbers on x86_64 and aarch64 (the generic table); headers
  * older than the calls do not name them. */
 #if !defined(SYS_close_range)
 #define SYS_close_range 436
 #endif
-#if !defined(SYS_cachestat) && (defined(__x86_64__) || defined(__aarch64__))
-#define SYS_cachestat 451
+#if !defined(SYS_openat2)
+#define SYS_openat2 437
 #endif
 #ifndef CLOSE_RANGE_UNSHARE
 #define CLOSE_RANGE_UNSHARE (1U << 1)
 #endif
 
-/* File system magic numbers (statfs f_type), from linux/magic.h. */
-#define FUSE_MAGIC 0x65735546
-#define OVERLAY_MAGIC 0x794c7630
-#define BTRFS_MAGIC 0x9123683E
-#define BCACHEFS_MAGIC 0xca451a4e
+/* openat2(2)'s argument and flags (Linux 5.6; Debian 12's headers have
+ * them, manylinux2014's do not). */
+struct msyncext_open_how {
+    uint64_t flags;
+    uint64_t mode;
+    uint64_t resolve;
+};
+#define MSYNCEXT_RESOLVE_NO_XDEV 0x01
+#define MSYNCEXT_RESOLVE_NO_MAGICLINKS 0x02
+#define MSYNCEXT_RESOLVE_NO_SYMLINKS 0x04
+#define MSYNCEXT_RESOLVE_BENEATH 0x08
 
 #define QUEUE_MAX 4096
 #define WAIT_NS (50 * 1000 * 1000LL)
@@ -117,21 +139,22 @@
 #define RECENT_SLOTS 64
 #define THREAD_NAME "msyncext-wout"
 #define PATH_SIZE (4096 + 64)
+/* A file asked for again while its last write-out may still be in flight
+ * gets further passes this much later (the first pass passes over pages
+ * still under write-back of their older version). */
+static const long long later_ns[] = {20 * 1000 * 1000LL, 200 * 1000 * 1000LL};
+#define PASSES ((int)(sizeof(later_ns) / sizeof(later_ns[0])))
 
 enum { KIND_WRITE, KIND_DROP };
-
-/* What a caller of writeout_drop_cached waits for. */
-typedef struct {
-    int err;
-    long long left;  /* pages still cached; -1 once a file cannot say */
-} drop_result;
 
 typedef struct {
     uint64_t dev, ino;
     uint64_t lo, hi;       /* file offsets */
     char *path;
     int kind;
-    drop_result *result;   /* KIND_DROP: the waiting caller's */
+    int passes_done;       /* KIND_WRITE: passes made of a file asked for
+                            * again while in flight; -1: no more needed */
+    long long not_before;  /* a later pass: not before this time */
 } request;
 
 typedef struct {
@@ -139,11 +162,20 @@ typedef struct {
     long long at_ns;       /* when it was last handed to the kernel */
 } recent_file;
 
+typedef struct {
+    request *items;
+    size_t len, cap;
+} request_list;
+
 static pthread_mutex_t wo_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t wo_wake = PTHREAD_COND_INITIALIZER;    /* the thread */
-static pthread_cond_t wo_done = PTHREAD_COND_INITIALIZER;    /* callers */
-static request *wo_queue;
-static size_t wo_len, wo_cap;
+/* Waits are on this counter with futex(2): its timeouts are relative and
+ * on the monotonic clock, so a step of the wall clock stretches no bound
+ * (pthread_cond_timedwait takes CLOCK_REALTIME here: choosing its clock
+ * would raise the wheel's glibc floor). Bumped, with wo_lock held, at
+ * every change a waiter may be waiting for. */
+static unsigned int wo_seq;
+static request_list wo_queue;   /* to hand over now */
+static request_list wo_later;   /* further passes, each not_before */
 /* Batches: the thread takes the whole queue as batch taken + 1; callers
  * wait until done reaches the batch their request is in. */
 static unsigned long long wo_taken, wo_done_batch;
@@ -170,20 +202,30 @@ now_ns(void)
     return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-/* An absolute CLOCK_REALTIME time ns from now, for pthread_cond_timedwait
- * (a monotonic condition clock would need a newer glibc symbol). */
-static struct timespec
-deadline_in(long long ns)
+/* wo_lock held: wake every waiter. */
+static void
+notify_locked(void)
 {
+    __atomic_add_fetch(&wo_seq, 1, __ATOMIC_RELEASE);
+    syscall(SYS_futex, &wo_seq, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+
+/* Release wo_lock and sleep until a notify after `seen` was read, or until
+ * (monotonic) `until`; take wo_lock again. 0, or ETIMEDOUT once past. */
+static int
+sleep_unlocked(unsigned int seen, long long until)
+{
+    long long left = until - now_ns();
     struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_sec += (time_t)(ns / 1000000000LL);
-    ts.tv_nsec += (long)(ns % 1000000000LL);
-    if (ts.tv_nsec >= 1000000000L) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000L;
+
+    pthread_mutex_unlock(&wo_lock);
+    if (left > 0) {
+        ts.tv_sec = (time_t)(left / 1000000000LL);
+        ts.tv_nsec = (long)(left % 1000000000LL);
+        syscall(SYS_futex, &wo_seq, FUTEX_WAIT_PRIVATE, seen, &ts, NULL, 0);
     }
-    return ts;
+    pthread_mutex_lock(&wo_lock);
+    return now_ns() >= until ? ETIMEDOUT : 0;
 }
 
 static uint64_t
@@ -195,137 +237,180 @@ path_hash(const char *path)
     return h;
 }
 
-/* ------------------------------------------------------------------------
- * The thread's work: one request, in its own descriptor table
- */
-
-typedef struct {
-    uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted,
-        nr_recently_evicted;
-} page_counts;
-
-/* cachestat(2) of a file range (Linux 6.5+): 0, or -1 if the kernel cannot
- * say. It checks no error and changes nothing. */
 static int
-count_pages(int fd, uint64_t lo, uint64_t hi, page_counts *out)
+list_push(request_list *l, const request *r)
 {
-#if defined(SYS_cachestat)
-    struct {
-        uint64_t off, len;
-    } range = {lo, hi - lo};
-    return syscall(SYS_cachestat, fd, &range, out, 0) == 0 ? 0 : -1;
-#else
-    (void)fd;
-    (void)lo;
-    (void)hi;
-    (void)out;
-    return -1;
-#endif
+    if (l->len == l->cap) {
+        size_t cap = l->cap ? 2 * l->cap : 16;
+        request *grown = realloc(l->items, cap * sizeof(*grown));
+        if (grown == NULL)
+            return ENOMEM;
+        l->items = grown;
+        l->cap = cap;
+    }
+    l->items[l->len++] = *r;
+    return 0;
 }
-
-/* Pages of a file range still in the page cache: a count, or -1 if the
- * kernel cannot say. */
-static long long
-pages_cached(int fd, uint64_t lo, uint64_t hi)
-{
-    page_counts counts;
-    if (count_pages(fd, lo, hi, &counts) != 0)
-        return -1;
-    return (long long)counts.nr_cache;
-}
-
-/* Start writing a file range. sync_file_range(SYNC_FILE_RANGE_WRITE)
- * passes over pages still under write-back of an earlier version (a writer
- * that rewrites a page it asked to write a moment ago), which would then
- * wait for the kernel's flusher. Waiting for that write-back with the
- * syscall's own WAIT flags would mark a failure seen, so it is watched
- * with cachestat instead (which checks nothing), and the range started
- * once more when it is done: at most WRITEBACK_WAIT_NS. */
-#define WRITEBACK_WAIT_NS (1000 * 1000 * 1000LL)
 
 static void
-start_writing(int fd, uint64_t lo, uint64_t hi)
+list_free(request_list *l)
 {
-    page_counts counts;
-    long long until;
+    size_t i;
+    for (i = 0; i < l->len; i++)
+        free(l->items[i].path);
+    free(l->items);
+    l->items = NULL;
+    l->len = l->cap = 0;
+}
 
-    sync_file_range(fd, (off64_t)lo, (off64_t)(hi - lo), SYNC_FILE_RANGE_WRITE);
-    if (count_pages(fd, lo, hi, &counts) != 0 || counts.nr_dirty == 0
-        || counts.nr_writeback == 0)
-        return;
-    until = now_ns() + WRITEBACK_WAIT_NS;
-    while (count_pages(fd, lo, hi, &counts) == 0 && counts.nr_writeback > 0
-           && now_ns() < until) {
-        struct timespec pause = {0, 1000 * 1000};
-        nanosleep(&pause, NULL);
+/* ------------------------------------------------------------------------
+ * The thread's way to a file, in its own descriptor table
+ */
+
+/* What the thread learns of the system once a batch: the mounts, and the
+ * files someone holds a lease or an NFS delegation on. */
+typedef struct {
+    mount_table mounts;
+    int have_mounts;
+    uint64_t *leases;
+    size_t n_leases;
+    int have_leases;
+} batch_facts;
+
+static int
+under_lease(const batch_facts *facts, uint64_t dev, uint64_t ino)
+{
+    size_t i;
+    /* Not known: opening could break one (a lease holder is sent SIGIO,
+     * whose default action ends its process; an NFS client's delegation
+     * is recalled). */
+    if (!facts->have_leases)
+        return 1;
+    for (i = 0; i < facts->n_leases; i++) {
+        if (facts->leases[2 * i] == dev && facts->leases[2 * i + 1] == ino)
+            return 1;
     }
-    sync_file_range(fd, (off64_t)lo, (off64_t)(hi - lo), SYNC_FILE_RANGE_WRITE);
+    return 0;
+}
+
+/* The mount the mapping's path is on: the mount of the mapping's device
+ * whose point is the longest prefix of path, visible (nothing mounted on
+ * top of it); NULL if there is none. (A btrfs snapshot that root mounts
+ * over the mapped file's directory after the file was mapped shows a file
+ * of the same inode number there, and is not told apart.) */
+static const mount_entry *
+mount_of_path(const mount_table *t, uint64_t dev, const char *path,
+              size_t *point_len)
+{
+    const mount_entry *best = NULL;
+    size_t best_len = 0, i;
+
+    for (i = 0; i < t->len; i++) {
+        const mount_entry *m = &t->items[i];
+        size_t n;
+        if (m->dev != dev || m->point == NULL)
+            continue;
+        n = strlen(m->point);
+        if (n == 1 && m->point[0] == '/')
+            n = 0;  /* "/": every path is below it */
+        else if (strncmp(m->point, path, n) != 0
+                 || (path[n] != '/' && path[n] != '\0'))
+            continue;
+        if (best == NULL || n >= best_len) {
+            best = m;  /* later lines are mounted later: on top */
+            best_len = n;
+        }
+    }
+    if (best == NULL)
+        return NULL;
+    /* Another mount on the same point, on top of it, hides it. */
+    for (i = 0; i < t->len; i++) {
+        const mount_entry *m = &t->items[i];
+        if (m->parent == best->id && m->point != NULL
+            && strcmp(m->point, best->point) == 0)
+            return NULL;
+    }
+    *point_len = best_len;
+    return best;
+}
+
+static int
+openat2_path(int dirfd, const char *path, uint64_t flags, uint64_t resolve)
+{
+    struct msyncext_open_how how;
+    memset(&how, 0, sizeof(how));
+    how.flags = flags;
+    how.resolve = resolve;
+    return (int)syscall(SYS_openat2, dirfd, path, &how, sizeof(how));
 }
 
 /* The mapped file itself, open for reading, or -1: see the rule above.
  * *stacked is set for an overlayfs view of it. */
 static int
-open_mapped_file(const request *r, int *stacked)
+open_mapped_file(const request *r, const batch_facts *facts, int *stacked)
 {
+    const mount_entry *m;
     char proc_path[64];
     struct stat st;
-    struct statfs fs;
-    int where, fd = -1;
-    uint64_t type;
+    size_t point_len;
+    const char *rest;
+    int top, where = -1, fd = -1;
 
     *stacked = 0;
-    where = open(r->path, O_PATH | O_NOFOLLOW | O_CLOEXEC);
-    if (where < 0)
+    if (!facts->have_mounts || r->path[0] != '/')
         return -1;
-    if (stat_fd(where, &st) != 0 || !S_ISREG(st.st_mode)
-        || (uint64_t)st.st_ino != r->ino || fstatfs(where, &fs) != 0)
+    m = mount_of_path(&facts->mounts, r->dev, r->path, &point_len);
+    if (m == NULL || m->kind == MOUNT_CLOSE_WORKS)
+        return -1;  /* FUSE, NFS, ...: left alone, not even looked up */
+    if (under_lease(facts, r->dev, r->ino))
+        return -1;
+    /* From the root of that mount, never leaving it (a file system mounted
+     * on a directory on the way, a hung FUSE server's say, is never
+     * entered) and following no symlink: the maps print real paths. */
+    top = openat2_path(AT_FDCWD, point_len == 0 ? "/" : m->point,
+                       O_PATH | O_CLOEXEC,
+                       MSYNCEXT_RESOLVE_NO_SYMLINKS);
+    if (top < 0)
+        return -1;
+    if (mount_id_of(top) != m->id)
+        goto done;  /* something else is there now */
+    rest = r->path + point_len;
+    while (*rest == '/')
+        rest++;
+    if (*rest == '\0')
+        where = dup_cloexec(top);  /* a file bound onto a point itself */
+    else
+        where = openat2_path(top, rest, O_PATH | O_NOFOLLOW | O_CLOEXEC,
+                             MSYNCEXT_RESOLVE_NO_XDEV
+                                 | MSYNCEXT_RESOLVE_NO_SYMLINKS
+                                 | MSYNCEXT_RESOLVE_BENEATH);
+    if (where < 0 || stat_fd(where, &st) != 0 || !S_ISREG(st.st_mode)
+        || (uint64_t)st.st_ino != r->ino)
         goto done;
-    type = (uint64_t)(unsigned long)fs.f_type & 0xffffffffULL;
-    if (type == FUSE_MAGIC)
-        goto done;
-    /* The mapping's inode on the mapping's file system (a btrfs subvolume
-     * shows its own device to stat, the superblock's to the maps), or an
-     * overlay's view of the real file, whose pages are the real file's. */
-    if (type == OVERLAY_MAGIC)
-        *stacked = 1;
-    else if (dev_key(st.st_dev) != r->dev && type != BTRFS_MAGIC
-             && type != BCACHEFS_MAGIC)
-        goto done;
+    *stacked = m->kind == MOUNT_OVERLAY;
     snprintf(proc_path, sizeof(proc_path), "/proc/thread-self/fd/%d", where);
     fd = open(proc_path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
 done:
-    close(where);
+    if (where >= 0)
+        close(where);
+    close(top);
     return fd;
 }
 
 static void
-serve(const request *r)
+serve(const request *r, const batch_facts *facts)
 {
-    int stacked, fd = open_mapped_file(r, &stacked);
+    int stacked, fd = open_mapped_file(r, facts, &stacked);
     off_t lo = (off_t)r->lo, len = (off_t)(r->hi - r->lo);
 
-    if (r->kind == KIND_DROP) {
-        drop_result *out = r->result;
-        if (fd < 0) {
-            out->left = -1;
-            return;
-        }
-        out->err = posix_fadvise(fd, lo, len, POSIX_FADV_DONTNEED);
-        if (out->left >= 0) {
-            /* An overlay's own page cache is empty whatever the file's. */
-            long long cached = stacked ? -1 : pages_cached(fd, r->lo, r->hi);
-            out->left = cached < 0 ? -1 : out->left + cached;
-        }
-    }
-    else if (fd >= 0) {
-        /* Started, never waited for or checked: see the rule above. */
-        if (stacked)
-            posix_fadvise(fd, lo, len, POSIX_FADV_DONTNEED);
-        else
-            start_writing(fd, r->lo, r->hi);
-    }
-    if (fd >= 0)
-        close(fd);
+    if (fd < 0)
+        return;
+    /* Started, never waited for or checked: see the rule above. */
+    if (r->kind == KIND_DROP || stacked)
+        posix_fadvise(fd, lo, len, POSIX_FADV_DONTNEED);
+    else
+        sync_file_range(fd, (off64_t)lo, (off64_t)len, SYNC_FILE_RANGE_WRITE);
+    close(fd);
 }
 
 static void
@@ -361,65 +446,185 @@ handed_over_lately(uint64_t dev, uint64_t ino, uint64_t hash, long long now)
     return 0;
 }
 
-/* Whether copying the process's descriptor table into this thread's and
- * closing the copies is inert. close_range(CLOSE_RANGE_UNSHARE) copies at
- * least the first 64 slots (the kernel's smallest table) before closing
- * them, and a close runs the file's flush: FUSE writes the file back,
- * sends its server a FLUSH and clears errors that the owner's close()
- * would report; NFS and SMB write back. POSIX locks are not touched (they
- * belong to the process's table). So the table is made private only if
- * no descriptor below 64 is on such a file system. 1 inert; 0 not, with
- * why filled; the check and the copy are not atomic, a descriptor opened
- * in between by another thread is the window. */
+/* Whether descriptor fd's copy in a new table may be closed without its
+ * file doing work: 1 yes, 0 no (*why filled), -1 not open. */
+static int
+copy_is_inert(int fd, const mount_table *t, char *why, size_t why_size)
+{
+    char path[64], target[16];
+    ssize_t got;
+    int id;
+    size_t i;
+
+    snprintf(path, sizeof(path), "/proc/thread-self/fd/%d", fd);
+    got = readlink(path, target, sizeof(target) - 1);
+    if (got < 0)
+        return errno == ENOENT ? -1 : 0;
+    target[got] = '\0';
+    /* Sockets, pipes, eventfds, ...: "socket:[...]", not a path; memfds
+     * live on the kernel's own tmpfs. */
+    if (target[0] != '/' || strncmp(target, "/memfd:", 7) == 0)
+        return 1;
+    id = mount_id_of(fd);
+    for (i = 0; id >= 0 && i < t->len; i++) {
+        if (t->items[i].id != id)
+            continue;
+        if (t->items[i].kind != MOUNT_CLOSE_WORKS)
+            return 1;
+        snprintf(why, why_size,
+                 "descriptor %d is on a file system whose close writes back "
+                 "or notifies its server (FUSE, NFS, SMB, ...)", fd);
+        return 0;
+    }
+    if (id < 0 && readlink(path, target, sizeof(target) - 1) < 0
+        && errno == ENOENT)
+        return -1;  /* closed meanwhile */
+    /* A mount this thread's table does not show (lazily detached, another
+     * namespace's), or no descriptor left to look (EMFILE): what cannot be
+     * looked at is not taken for inert. */
+    snprintf(why, why_size,
+             "descriptor %d is on a file system that cannot be looked at "
+             "(a detached mount?)", fd);
+    return 0;
+}
+
+/* Whether copying this thread's descriptor table (shared with the thread
+ * that started it, and with the process) and closing the copies is inert.
+ * close_range(CLOSE_RANGE_UNSHARE) copies at least the first 64 slots (the
+ * kernel's smallest table) before closing them, and a close runs the
+ * file's flush: FUSE writes the file back, sends its server a FLUSH and
+ * clears errors that the owner's close() would report; NFS and SMB write
+ * back. POSIX locks are not touched (they belong to the shared table). So
+ * the table is made private only if every descriptor below 64 is known to
+ * be on another kind of file system. The check and the copy are not
+ * atomic: a descriptor opened in between by another thread is the window.
+ * 1 inert; 0 not, why filled. */
 static int
 table_copy_is_inert(char *why, size_t why_size)
 {
-    int ids[64], fd;
-    size_t n, i;
-    int rc = mounts_closing_does_work(ids, 64, &n);
+    mount_table t;
+    int fd, inert = 1;
+    int rc = mount_table_read(&t);
 
     if (rc != 0) {
         snprintf(why, why_size, "the mounts cannot be read: %s",
-                 strerror(rc == E2BIG ? EOVERFLOW : rc));
+                 strerror(rc));
         return 0;
     }
-    if (n == 0)
-        return 1;  /* no such file system is mounted: nothing to look at */
-    for (fd = 0; fd < 64; fd++) {
-        char path[48], text[1024], *at;
-        ssize_t got;
-        int info = -1, mount_id;
+    for (fd = 0; fd < 64 && inert; fd++)
+        inert = copy_is_inert(fd, &t, why, why_size) != 0;
+    mount_table_free(&t);
+    return inert;
+}
 
-        snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", fd);
-        info = open(path, O_RDONLY | O_CLOEXEC);
-        if (info < 0)
-            continue;  /* not open */
-        got = read(info, text, sizeof(text) - 1);
-        close(info);
-        if (got <= 0)
-            continue;
-        text[got] = '\0';
-        at = strstr(text, "mnt_id:");
-        if (at == NULL || sscanf(at + 7, "%d", &mount_id) != 1)
-            continue;
-        for (i = 0; i < n; i++) {
-            if (ids[i] == mount_id) {
-                snprintf(why, why_size,
-                         "descriptor %d is on a file system whose close "
-                         "writes back or notifies its server (FUSE, NFS, "
-                         "SMB, ...)", fd);
-                return 0;
-            }
+/* Queue one file range (wo_lock held). Returns the batch to wait for, or
+ * 0. A later pass (later != 0) keeps its count of passes made. */
+static unsigned long long
+enqueue_locked(const request *r, long long now, int later)
+{
+    uint64_t hash = path_hash(r->path);
+    int lately = r->kind == KIND_WRITE && !later
+                 && handed_over_lately(r->dev, r->ino, hash, now);
+    int passes = later ? r->passes_done : lately ? 0 : -1;
+    request copy = *r;
+    size_t i;
+
+    for (i = 0; r->kind == KIND_WRITE && i < wo_queue.len; i++) {
+        request *q = &wo_queue.items[i];
+        if (q->kind == KIND_WRITE && q->dev == r->dev && q->ino == r->ino
+            && strcmp(q->path, r->path) == 0) {
+            /* One span per file: clean pages in a gap cost nothing to
+             * write out, dirty ones would be written soon anyway. */
+            if (r->lo < q->lo)
+                q->lo = r->lo;
+            if (r->hi > q->hi)
+                q->hi = r->hi;
+            if (passes >= 0 && (q->passes_done < 0 || passes < q->passes_done))
+                q->passes_done = passes;  /* the more passes left wins */
+            return 0;  /* the caller that queued it waits for it */
         }
     }
-    return 1;
+    if (wo_queue.len >= QUEUE_MAX)
+        return 0;  /* left to the kernel's flusher */
+    copy.passes_done = passes;
+    copy.not_before = 0;
+    if ((copy.path = strdup(r->path)) == NULL)
+        return 0;
+    if (list_push(&wo_queue, &copy) != 0) {
+        free(copy.path);
+        return 0;
+    }
+    notify_locked();
+    return lately || later ? 0 : wo_taken + 1;
+}
+
+/* Move the later passes that are due into the queue (wo_lock held); the
+ * time the next one falls due, or 0. */
+static long long
+due_later_locked(long long now)
+{
+    long long next = 0;
+    size_t i = 0;
+
+    while (i < wo_later.len) {
+        request *r = &wo_later.items[i];
+        if (r->not_before <= now) {
+            enqueue_locked(r, now, 1);
+            free(r->path);
+            wo_later.items[i] = wo_later.items[--wo_later.len];
+            continue;
+        }
+        if (next == 0 || r->not_before < next)
+            next = r->not_before;
+        i++;
+    }
+    return next;
+}
+
+/* Schedule a later pass of r's file (wo_lock held), taking r's path. One
+ * per file: a file handed over again meanwhile has its pass moved after
+ * that hand-over (a writer that keeps rewriting gets its pass once it
+ * stops). */
+static void
+defer_locked(request *r, long long when)
+{
+    size_t i;
+    for (i = 0; i < wo_later.len; i++) {
+        request *l = &wo_later.items[i];
+        if (l->dev == r->dev && l->ino == r->ino
+            && strcmp(l->path, r->path) == 0) {
+            if (r->lo < l->lo)
+                l->lo = r->lo;
+            if (r->hi > l->hi)
+                l->hi = r->hi;
+            if (when > l->not_before)
+                l->not_before = when;
+            if (r->passes_done + 1 < l->passes_done)
+                l->passes_done = r->passes_done + 1;
+            return;
+        }
+    }
+    {
+        request again = *r;
+        again.not_before = when;
+        again.passes_done = r->passes_done + 1;
+        if (list_push(&wo_later, &again) == 0)
+            r->path = NULL;  /* now wo_later's */
+    }
+}
+
+static int
+drop_first(const void *a, const void *b)
+{
+    const request *x = a, *y = b;
+    return (y->kind == KIND_DROP) - (x->kind == KIND_DROP);
 }
 
 void
 writeout_thread_main(void *unused)
 {
-    request *batch = NULL;
-    size_t n = 0, i;
+    request_list batch = {NULL, 0, 0};
+    size_t i;
     unsigned long long number;
     long long idle_since;
 
@@ -456,7 +661,7 @@ writeout_thread_main(void *unused)
             wo_blocked_at = now_ns();
             snprintf(wo_why, sizeof(wo_why), "%s", why);
             set_state(state);
-            pthread_cond_broadcast(&wo_done);
+            notify_locked();
             pthread_mutex_unlock(&wo_lock);
             return;
         }
@@ -464,54 +669,71 @@ writeout_thread_main(void *unused)
 
     pthread_mutex_lock(&wo_lock);
     set_state(WO_RUNNING);
-    pthread_cond_broadcast(&wo_done);
+    notify_locked();
     idle_since = now_ns();
     for (;;) {
-        if (wo_len == 0) {
-            struct timespec until;
-            if (wo_users == 0 && now_ns() - idle_since >= IDLE_NS)
+        batch_facts facts;
+        long long now = now_ns(), next = due_later_locked(now);
+
+        if (wo_queue.len == 0) {
+            unsigned int seen = wo_seq;
+            long long until = now + IDLE_NS;
+            if (wo_users == 0 && next == 0 && now - idle_since >= IDLE_NS)
                 break;
-            until = deadline_in(IDLE_NS);
-            pthread_cond_timedwait(&wo_wake, &wo_lock, &until);
+            if (next != 0 && next < until)
+                until = next;
+            sleep_unlocked(seen, until);
             continue;
         }
         /* Take the whole queue; callers queue anew meanwhile. */
-        free(batch);
+        list_free(&batch);
         batch = wo_queue;
-        n = wo_len;
-        wo_queue = NULL;
-        wo_len = wo_cap = 0;
+        wo_queue.items = NULL;
+        wo_queue.len = wo_queue.cap = 0;
         number = ++wo_taken;
         wo_busy = 1;
         /* Being handed over counts as handed over lately: a caller asking
          * for one of these files meanwhile joins the next batch without
          * waiting for it. */
-        idle_since = now_ns();
-        for (i = 0; i < n; i++) {
-            if (batch[i].kind == KIND_WRITE)
-                remember_handed_over(&batch[i], idle_since);
+        for (i = 0; i < batch.len; i++) {
+            if (batch.items[i].kind == KIND_WRITE)
+                remember_handed_over(&batch.items[i], now);
         }
         pthread_mutex_unlock(&wo_lock);
 
-        for (i = 0; i < n; i++)
-            serve(&batch[i]);
+        /* Evictions first: their callers wait for them. */
+        qsort(batch.items, batch.len, sizeof(request), drop_first);
+        facts.have_mounts = mount_table_read(&facts.mounts) == 0;
+        facts.have_leases
+            = leases_read(&facts.leases, &facts.n_leases) == 0;
+        for (i = 0; i < batch.len; i++)
+            serve(&batch.items[i], &facts);
+        if (facts.have_mounts)
+            mount_table_free(&facts.mounts);
+        free(facts.leases);
 
         pthread_mutex_lock(&wo_lock);
         idle_since = now_ns();
-        for (i = 0; i < n; i++) {
-            if (batch[i].kind == KIND_WRITE)
-                remember_handed_over(&batch[i], idle_since);
-            free(batch[i].path);
+        for (i = 0; i < batch.len; i++) {
+            request *r = &batch.items[i];
+            if (r->kind != KIND_WRITE)
+                continue;
+            remember_handed_over(r, idle_since);
+            /* Asked for again while in flight: pages still under write-back
+             * of an older version were passed over; pass again later,
+             * holding nothing meanwhile. */
+            if (r->passes_done >= 0 && r->passes_done < PASSES)
+                defer_locked(r, idle_since + later_ns[r->passes_done]);
         }
         wo_done_batch = number;
         wo_busy = 0;
-        pthread_cond_broadcast(&wo_done);
+        notify_locked();
     }
     /* Idle and unused: gone. The next request starts another thread. */
     set_state(WO_NONE);
-    pthread_cond_broadcast(&wo_done);
+    notify_locked();
     pthread_mutex_unlock(&wo_lock);
-    free(batch);
+    list_free(&batch);
 }
 
 /* ------------------------------------------------------------------------
@@ -542,7 +764,7 @@ writeout_leave(void)
 {
     pthread_mutex_lock(&wo_lock);
     if (wo_users > 0 && --wo_users == 0)
-        pthread_cond_signal(&wo_wake);  /* it may go idle now */
+        notify_locked();  /* it may go idle now */
     pthread_mutex_unlock(&wo_lock);
 }
 
@@ -552,61 +774,24 @@ writeout_start_failed(void)
     pthread_mutex_lock(&wo_lock);
     if (wo_state == WO_STARTING)
         set_state(WO_NONE);
-    pthread_cond_broadcast(&wo_done);
+    notify_locked();
     pthread_mutex_unlock(&wo_lock);
 }
 
 int
 writeout_wait_started(void)
 {
+    long long until = now_ns() + WAIT_NS;
     int state;
+
     pthread_mutex_lock(&wo_lock);
-    while (wo_state == WO_STARTING)
-        pthread_cond_wait(&wo_done, &wo_lock);
+    while (wo_state == WO_STARTING) {
+        if (sleep_unlocked(wo_seq, until) == ETIMEDOUT)
+            break;
+    }
     state = wo_state;
     pthread_mutex_unlock(&wo_lock);
     return state;
-}
-
-/* Queue one file range (wo_lock held, the thread running). Returns the
- * batch to wait for, or 0. */
-static unsigned long long
-enqueue_locked(const request *r, long long now)
-{
-    uint64_t hash = path_hash(r->path);
-    int lately = handed_over_lately(r->dev, r->ino, hash, now);
-    size_t i;
-
-    for (i = 0; i < wo_len; i++) {
-        request *q = &wo_queue[i];
-        if (q->kind == KIND_WRITE && q->dev == r->dev && q->ino == r->ino
-            && strcmp(q->path, r->path) == 0) {
-            /* One span per file: clean pages in a gap cost nothing to
-             * write out, dirty ones would be written soon anyway. */
-            if (r->lo < q->lo)
-                q->lo = r->lo;
-            if (r->hi > q->hi)
-                q->hi = r->hi;
-            return 0;  /* the caller that queued it waits for it */
-        }
-    }
-    if (wo_len == wo_cap) {
-        size_t cap = wo_cap ? 2 * wo_cap : 16;
-        request *grown;
-        if (wo_len >= QUEUE_MAX)
-            return 0;  /* left to the kernel's flusher */
-        grown = realloc(wo_queue, cap * sizeof(*grown));
-        if (grown == NULL)
-            return 0;
-        wo_queue = grown;
-        wo_cap = cap;
-    }
-    wo_queue[wo_len] = *r;
-    if ((wo_queue[wo_len].path = strdup(r->path)) == NULL)
-        return 0;
-    wo_len++;
-    pthread_cond_signal(&wo_wake);
-    return lately ? 0 : wo_taken + 1;
 }
 
 /* Call visit for each shared file mapping in [lo, hi), with the file's
@@ -650,107 +835,75 @@ each_file_range(uintptr_t lo, uintptr_t hi,
     return rc;
 }
 
+typedef struct {
+    int kind;
+    unsigned long long wait_for;
+} queue_call;
+
 static int
-queue_write(request *r, void *ctx)
+queue_range(request *r, void *ctx)
 {
-    unsigned long long *wait_for = ctx, batch;
-    r->kind = KIND_WRITE;
+    queue_call *call = ctx;
+    unsigned long long batch = 0;
+
+    r->kind = call->kind;
     pthread_mutex_lock(&wo_lock);
-    batch = wo_state == WO_RUNNING ? enqueue_locked(r, now_ns()) : 0;
+    if (wo_state == WO_RUNNING)
+        batch = enqueue_locked(r, now_ns(), 0);
     pthread_mutex_unlock(&wo_lock);
-    if (batch > *wait_for)
-        *wait_for = batch;
+    if (batch > call->wait_for)
+        call->wait_for = batch;
     return 0;
 }
 
 int
 writeout_start(uintptr_t lo, uintptr_t hi, unsigned long long *wait_for)
 {
+    queue_call call = {KIND_WRITE, 0};
+    int rc;
+
     if (__atomic_load_n(&wo_state, __ATOMIC_ACQUIRE) != WO_RUNNING)
         return 0;
-    return each_file_range(lo, hi, queue_write, wait_for);
+    rc = each_file_range(lo, hi, queue_range, &call);
+    if (call.wait_for > *wait_for)
+        *wait_for = call.wait_for;
+    return rc;
 }
 
 void
 writeout_wait(unsigned long long batch)
 {
-    struct timespec until = deadline_in(WAIT_NS);
+    long long until = now_ns() + WAIT_NS;
+
     pthread_mutex_lock(&wo_lock);
     while (batch != 0 && wo_done_batch < batch && wo_state == WO_RUNNING) {
-        if (pthread_cond_timedwait(&wo_done, &wo_lock, &until) == ETIMEDOUT)
+        if (sleep_unlocked(wo_seq, until) == ETIMEDOUT)
             break;
     }
     pthread_mutex_unlock(&wo_lock);
 }
 
-typedef struct {
-    drop_result result;
-    int err;
-} drop_call;
-
-static int
-queue_drop(request *r, void *ctx)
-{
-    drop_call *call = ctx;
-    unsigned long long batch = 0;
-
-    r->kind = KIND_DROP;
-    r->result = &call->result;
-    pthread_mutex_lock(&wo_lock);
-    if (wo_state == WO_RUNNING && wo_len < QUEUE_MAX) {
-        if (wo_len == wo_cap) {
-            size_t cap = wo_cap ? 2 * wo_cap : 16;
-            request *grown = realloc(wo_queue, cap * sizeof(*grown));
-            if (grown != NULL) {
-                wo_queue = grown;
-                wo_cap = cap;
-            }
-        }
-        if (wo_len < wo_cap
-            && (r->path = strdup(r->path)) != NULL) {
-            wo_queue[wo_len++] = *r;
-            batch = wo_taken + 1;
-            pthread_cond_signal(&wo_wake);
-        }
-    }
-    if (batch == 0) {
-        call->result.left = -1;  /* not dropped: unknown what is left */
-    }
-    else {
-        /* The result is written before the batch is marked done. */
-        while (wo_done_batch < batch && wo_state == WO_RUNNING)
-            pthread_cond_wait(&wo_done, &wo_lock);
-    }
-    pthread_mutex_unlock(&wo_lock);
-    if (call->result.err != 0 && call->err == 0)
-        call->err = call->result.err;
-    call->result.err = 0;
-    return 0;
-}
-
 int
-writeout_drop_cached(uintptr_t lo, uintptr_t hi, long long *left)
+writeout_drop_cached(uintptr_t lo, uintptr_t hi)
 {
-    drop_call call = {{0, 0}, 0};
+    queue_call call = {KIND_DROP, 0};
     int rc;
 
-    if (__atomic_load_n(&wo_state, __ATOMIC_ACQUIRE) != WO_RUNNING) {
-        *left = -1;
+    if (__atomic_load_n(&wo_state, __ATOMIC_ACQUIRE) != WO_RUNNING)
         return 0;
-    }
-    rc = each_file_range(lo, hi, queue_drop, &call);
-    *left = call.result.left;
-    return rc != 0 ? rc : call.err;
+    rc = each_file_range(lo, hi, queue_range, &call);
+    writeout_wait(call.wait_for);
+    return rc;
 }
 
 void
 writeout_drain(double seconds)
 {
-    struct timespec until = deadline_in((long long)(seconds * 1e9));
+    long long until = now_ns() + (long long)(seconds * 1e9);
 
     pthread_mutex_lock(&wo_lock);
-    while (wo_state == WO_RUNNING && (wo_len > 0 || wo_busy)) {
-        if (pthread_cond_timedwait(&wo_done, &wo_lock, &until) == ETIMEDOUT)
+    while (wo_state == WO_RUNNING && (wo_queue.len > 0 || wo_busy)) {
+        if (sleep_unlocked(wo_seq, until) == ETIMEDOUT)
             break;
     }
     pthread_mutex_unlock(&wo_lock);
@@ -782,20 +935,13 @@ wo_after_fork_parent(void)
 static void
 wo_after_fork_child(void)
 {
-    size_t i;
-
     /* The thread is not in the child, and its descriptors were in its own
      * table. What was queued is the parent's to write (the same files). A
      * refusal of the private table holds in the child too (the same
      * kernel and seccomp filter). */
     pthread_mutex_init(&wo_lock, NULL);
-    pthread_cond_init(&wo_wake, NULL);
-    pthread_cond_init(&wo_done, NULL);
-    for (i = 0; i < wo_len; i++)
-        free(wo_queue[i].path);
-    free(wo_queue);
-    wo_queue = NULL;
-    wo_len = wo_cap = 0;
+    list_free(&wo_queue);
+    list_free(&wo_later);
     wo_taken = wo_done_batch = 0;
     wo_busy = 0;
     wo_users = 0;
@@ -862,11 +1008,10 @@ writeout_wait(unsigned long long batch)
 }
 
 int
-writeout_drop_cached(uintptr_t lo, uintptr_t hi, long long *left)
+writeout_drop_cached(uintptr_t lo, uintptr_t hi)
 {
     (void)lo;
     (void)hi;
-    *left = -1;
     return 0;
 }
 
@@ -883,60 +1028,6 @@ writeout_state(char *why, size_t why_size)
              "this platform has no sync_file_range: its msync(MS_ASYNC) "
              "schedules the write itself");
     return WO_UNAVAILABLE;
-}
-
-/* Whether copying the process's descriptor table into this thread's and
- * closing the copies is inert. close_range(CLOSE_RANGE_UNSHARE) copies at
- * least the first 64 slots (the kernel's smallest table) before closing
- * them, and a close runs the file's flush: FUSE writes the file back,
- * sends its server a FLUSH and clears errors that the owner's close()
- * would report; NFS and SMB write back. POSIX locks are not touched (they
- * belong to the process's table). So the table is made private only if
- * no descriptor below 64 is on such a file system. 1 inert; 0 not, with
- * why filled; the check and the copy are not atomic, a descriptor opened
- * in between by another thread is the window. */
-static int
-table_copy_is_inert(char *why, size_t why_size)
-{
-    int ids[64], fd;
-    size_t n, i;
-    int rc = mounts_closing_does_work(ids, 64, &n);
-
-    if (rc != 0) {
-        snprintf(why, why_size, "the mounts cannot be read: %s",
-                 strerror(rc == E2BIG ? EOVERFLOW : rc));
-        return 0;
-    }
-    if (n == 0)
-        return 1;  /* no such file system is mounted: nothing to look at */
-    for (fd = 0; fd < 64; fd++) {
-        char path[48], text[1024], *at;
-        ssize_t got;
-        int info = -1, mount_id;
-
-        snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", fd);
-        info = open(path, O_RDONLY | O_CLOEXEC);
-        if (info < 0)
-            continue;  /* not open */
-        got = read(info, text, sizeof(text) - 1);
-        close(info);
-        if (got <= 0)
-            continue;
-        text[got] = '\0';
-        at = strstr(text, "mnt_id:");
-        if (at == NULL || sscanf(at + 7, "%d", &mount_id) != 1)
-            continue;
-        for (i = 0; i < n; i++) {
-            if (ids[i] == mount_id) {
-                snprintf(why, why_size,
-                         "descriptor %d is on a file system whose close "
-                         "writes back or notifies its server (FUSE, NFS, "
-                         "SMB, ...)", fd);
-                return 0;
-            }
-        }
-    }
-    return 1;
 }
 
 void

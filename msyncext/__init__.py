@@ -24,11 +24,14 @@ from msyncext._msync import (
 )
 
 # Nothing else is imported at run time: typing alone costs ~7 ms, and the
-# whole import should stay under 2 ms. mypy takes any name TYPE_CHECKING as
-# true; the annotations below are strings, never evaluated. The helpers are
-# deleted at the end, so that the namespace holds the API only.
-TYPE_CHECKING = False
-if TYPE_CHECKING:
+# whole import should stay under 2 ms. Type checkers read these imports as
+# any others (a flag they do not know is never true; spelt TYPE_CHECKING,
+# mypy would take it for a module attribute, and stubtest would report it
+# missing once deleted); the annotations below are strings, never
+# evaluated. The helpers are deleted at the end, so that the namespace
+# holds the API only.
+_TYPE_CHECKING = False
+if _TYPE_CHECKING:
     from collections.abc import Iterable
     from typing import SupportsIndex
 
@@ -66,9 +69,9 @@ class WritebackError(OSError):
     """Write-back of a file failed; data written to it may be lost.
 
     Raised by the flush that sees the failure and, from then on, by every
-    flush of a mapping of that file that existed in this process then,
-    until :func:`clear_writeback_error` is called for the file. ``errno``
-    is the first failure's.
+    flush of that file in this process, through any map of it, made before
+    or after the failure, until :func:`clear_writeback_error` is called
+    for the file. ``errno`` is the first failure's.
     """
 
     def __str__(self) -> str:
@@ -99,12 +102,25 @@ _MS_SYNC_BY_NAME = _MSSyncByName(MS_SYNC)
 setattr(_msync, "MS_SYNC", _MS_SYNC_BY_NAME)  # noqa: B010 (a Final in the stub)
 
 
+class _MaxGapByName(int):
+    """DEFAULT_MAX_GAP, shown by name where help() shows flush_ranges'
+    default (the C code reads an int subclass without copying it)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "DEFAULT_MAX_GAP"
+
+
+_DEFAULT_MAX_GAP_BY_NAME = _MaxGapByName(DEFAULT_MAX_GAP)
+
+
 def flush_ranges(
     buf: "Buffer",
     ranges: "Iterable[Iterable[SupportsIndex]] | Buffer",
     *,
     flags: "SupportsIndex" = _MS_SYNC_BY_NAME,
-    max_gap: "SupportsIndex" = DEFAULT_MAX_GAP,
+    max_gap: "SupportsIndex" = _DEFAULT_MAX_GAP_BY_NAME,
 ) -> int:
     """Write back the pages holding every ``(offset, size)`` pair of ``ranges``.
 
@@ -117,9 +133,19 @@ def flush_ranges(
     with the GIL released, taken back every 20 ms for signal handlers.
     ``flags`` is one of VALID_FLAGS. Returns the number of msync(2) calls
     made.
+
+    Raises, before any syscall: ValueError for a pair outside ``buf``,
+    flags not in VALID_FLAGS, a negative ``max_gap`` or a closed mmap;
+    TypeError for a non-integer value (bool included), a pair that is not
+    two integers, or a ``buf`` without a buffer or whose memory is a copy
+    (bytes, bytearray, array.array); BufferError for a non-contiguous
+    ``buf``. Then: OSError (errno kept, naming the run) if msync refuses a
+    run and msyncext can show why (EBUSY, ENOMEM); WritebackError for any
+    other msync failure, or a failure of this file recorded earlier.
     """
     # flags and max_gap are checked in C, with the messages flush gives.
     return _msync.flush_batch(buf, ranges, flags, max_gap)
 
 
-del TYPE_CHECKING, _MSSyncByName, _MS_SYNC_BY_NAME
+del _TYPE_CHECKING, _MSSyncByName, _MS_SYNC_BY_NAME
+del _MaxGapByName, _DEFAULT_MAX_GAP_BY_NAME

@@ -283,11 +283,12 @@ class LoopFS:
 
 
 @contextlib.contextmanager
-def tmpfs(size: str) -> Iterator[str]:
-    """A fresh tmpfs of ``size`` (mount syntax, e.g. ``12m``), unmounted after."""
+def tmpfs(size: str, prefix: str = "msyncext-tmpfs-") -> Iterator[str]:
+    """A fresh tmpfs of ``size`` (mount syntax, e.g. ``12m``), unmounted after,
+    mounted on a new directory whose name starts with ``prefix``."""
     refuse_unless_asked()
     with contextlib.ExitStack() as stack:
-        where = tempfile.mkdtemp(prefix="msyncext-tmpfs-")
+        where = tempfile.mkdtemp(prefix=prefix)
         stack.callback(os.rmdir, where)
         _run(
             "mount",

@@ -21,8 +21,8 @@ import time
 from collections.abc import Iterator
 
 import blockdev
-import numpy as np
 import pytest
+from conftest import needs_numpy, np
 
 import msyncext
 from msyncext import MS_ASYNC, MS_INVALIDATE, MS_SYNC, PAGESIZE
@@ -165,6 +165,7 @@ def test_memoryview_slice_straddling(scene: Scene) -> None:
     scene.expect({1, 2})
 
 
+@needs_numpy
 def test_numpy_memmap_with_an_unaligned_offset(scene: Scene) -> None:
     # numpy maps from the page below `offset` and starts the array 7 bytes in:
     # array byte 0 is file byte 2 * PAGESIZE + 7.

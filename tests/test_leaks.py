@@ -2,14 +2,16 @@
 
 Every C path of msyncext runs here many times: success, each argument
 error, the OSError path (MS_INVALIDATE over mlocked pages gives EBUSY), the
-pinning of a numpy.memmap's mmap, (n, 2) arrays of pairs and the batch
-entry point's own checks. .ci/valgrind.sh runs this file
+pinning of a numpy.memmap's mmap, the refusal of copies (bytes, bytearray,
+array.array and views of them), (n, 2) arrays of pairs and the batch entry
+point's own checks. .ci/valgrind.sh runs this file
 under memcheck with MSYNCEXT_LEAK_ROUNDS small (and MSYNCEXT_VALGRIND=1,
 which skips the RSS test: valgrind's heap says nothing about ours).
 """
 
 from __future__ import annotations
 
+import array
 import ctypes
 import errno
 import functools
@@ -21,10 +23,9 @@ import tracemalloc
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
 import pytest
 from blockdev import c_library
-from conftest import BadIndex, Index
+from conftest import NUMPY_MISSING, BadIndex, Index, np
 
 import msyncext
 from msyncext import MS_ASYNC, MS_INVALIDATE, MS_SYNC, PAGESIZE, _msync
@@ -74,23 +75,11 @@ def _cases(
     strided = memoryview(bytearray(64))[::2]
     pairs = [(1, 2), (3 * PAGESIZE, 5), (PAGESIZE - 1, 2)]
     bad_pairs = [(1, 2), (-1, 2)]
-    array_pairs = np.array(pairs, dtype=np.int64)
-    bad_array = np.array([[0, 1], [-1, 1]], dtype=np.int32)
-
-    # Over the map, not the heap: msync takes whole pages, and valgrind
-    # rightly calls the rest of a heap block's page unaddressable.
-    def fortran() -> Any:
-        return np.ndarray((16, 16), np.float64, buffer=m, order="F")
-
-    # Made as numpy.memmap makes its arrays: numpy keeps the mmap as .base
-    # but no export of it, so flush exports the mmap itself. Made afresh for
-    # each call: an array made before a resize points at stale memory.
-    def memmap() -> Any:
-        return np.ndarray(
-            (SIZE - PAGESIZE - 3,), np.uint8, buffer=m, offset=PAGESIZE + 3
-        )
-
-    not_contiguous = np.zeros((8, 8))[:, 1:]
+    copy = m[100:164]  # bytes
+    heap = bytearray(64)
+    copy_view = memoryview(heap)[8:]
+    words = array.array("I", range(16))
+    over_heap = (ctypes.c_char * 16).from_buffer(bytearray(16))
     cases: dict[
         str, tuple[Callable[[], object], type[BaseException] | None, list[object]]
     ] = {
@@ -114,16 +103,6 @@ def _cases(
             None,
             [m, pairs],
         ),
-        "batch-array": (
-            lambda: flush_ranges(m, array_pairs, max_gap=0),
-            None,
-            [m, array_pairs],
-        ),
-        "batch-array-bad": (
-            lambda: flush_ranges(m, bad_array),
-            ValueError,
-            [m, bad_array],
-        ),
         "batch-generator": (
             lambda: flush_ranges(m, ((o, 1) for o in (0, PAGESIZE))),
             None,
@@ -133,19 +112,6 @@ def _cases(
             lambda: flush_ranges(m, [[0, 1], [idx, off]]),
             None,
             [m, idx, off],
-        ),
-        "owner-chain": (lambda: flush(memmap(), 1, 2), None, [m]),
-        "owner-chain-batch": (lambda: flush_ranges(memmap(), pairs[:1]), None, [m]),
-        "fortran": (lambda: flush(fortran()), None, [m]),
-        "not-contiguous": (
-            lambda: flush(not_contiguous),
-            BufferError,
-            [not_contiguous],
-        ),
-        "not-contiguous-batch": (
-            lambda: flush_ranges(not_contiguous, pairs),
-            BufferError,
-            [not_contiguous],
         ),
         "clear-none": (lambda: msyncext.clear_writeback_error(m), None, [m]),
         "batch-runs": (lambda: batch_runs(m, pairs, MS_SYNC, 0), None, [m, pairs]),
@@ -203,16 +169,97 @@ def _cases(
             ValueError,
             [m],
         ),
+        "tracking": (lambda: _msync.writeback_tracking(), None, []),
+        "page-offset": (lambda: _msync.page_offset(m), None, [m]),
+        "page-offset-bad": (lambda: _msync.page_offset(idx), TypeError, [idx]),
+        # Copies (memory of their own) are refused at the end of the chain.
+        "copy-bytes": (lambda: flush(copy, 1, 2), TypeError, [copy]),
+        "copy-view": (lambda: flush(copy_view), TypeError, [copy_view, heap]),
+        "copy-array": (lambda: flush_ranges(words, pairs), TypeError, [words]),
+        "copy-ctypes": (lambda: flush(over_heap), TypeError, [over_heap]),
+        "copy-clear": (
+            lambda: msyncext.clear_writeback_error(heap),
+            TypeError,
+            [heap],
+        ),
+        "copy-page-offset": (lambda: _msync.page_offset(words), TypeError, [words]),
+    }
+    if np is not None:
+        more = _numpy_cases(m, pairs, copy)
+        assert set(more) == NUMPY_CASES
+        cases.update(more)
+    return cases
+
+
+# The cases that need numpy: where it is not installed (see conftest.py),
+# they skip.
+NUMPY_CASES = frozenset(
+    {
+        "batch-array",
+        "batch-array-bad",
+        "copy-numpy",
+        "ctypes-chain",
+        "fortran",
+        "not-contiguous",
+        "not-contiguous-batch",
+        "owner-chain",
+        "owner-chain-batch",
+    }
+)
+
+
+def _numpy_cases(
+    m: mmap.mmap, pairs: list[tuple[int, int]], copy: bytes
+) -> dict[str, tuple[Callable[[], object], type[BaseException] | None, list[object]]]:
+    array_pairs = np.array(pairs, dtype=np.int64)
+    bad_array = np.array([[0, 1], [-1, 1]], dtype=np.int32)
+
+    # Over the map, not the heap: msync takes whole pages, and valgrind
+    # rightly calls the rest of a heap block's page unaddressable.
+    def fortran() -> Any:
+        return np.ndarray((16, 16), np.float64, buffer=m, order="F")
+
+    # Made as numpy.memmap makes its arrays: numpy keeps the mmap as .base
+    # but no export of it, so flush exports the mmap itself. Made afresh for
+    # each call: an array made before a resize points at stale memory.
+    def memmap() -> Any:
+        return np.ndarray(
+            (SIZE - PAGESIZE - 3,), np.uint8, buffer=m, offset=PAGESIZE + 3
+        )
+
+    not_contiguous = np.zeros((8, 8))[:, 1:]
+    over_bytes = np.frombuffer(copy, np.uint8)
+    return {
+        "batch-array": (
+            lambda: flush_ranges(m, array_pairs, max_gap=0),
+            None,
+            [m, array_pairs],
+        ),
+        "batch-array-bad": (
+            lambda: flush_ranges(m, bad_array),
+            ValueError,
+            [m, bad_array],
+        ),
+        "owner-chain": (lambda: flush(memmap(), 1, 2), None, [m]),
+        "owner-chain-batch": (lambda: flush_ranges(memmap(), pairs[:1]), None, [m]),
+        "fortran": (lambda: flush(fortran()), None, [m]),
+        "not-contiguous": (
+            lambda: flush(not_contiguous),
+            BufferError,
+            [not_contiguous],
+        ),
+        "not-contiguous-batch": (
+            lambda: flush_ranges(not_contiguous, pairs),
+            BufferError,
+            [not_contiguous],
+        ),
         "ctypes-chain": (
             lambda: flush((ctypes.c_char * 64).from_buffer(memmap()), 1, 2),
             None,
             [m],
         ),
-        "tracking": (lambda: _msync.writeback_tracking(), None, []),
-        "page-offset": (lambda: _msync.page_offset(m), None, [m]),
-        "page-offset-bad": (lambda: _msync.page_offset(idx), TypeError, [idx]),
+        "copy-numpy": (lambda: flush(over_bytes), TypeError, [over_bytes, copy]),
     }
-    return cases
 
 
 def _traced_growth(work: Callable[[], object]) -> int:
@@ -257,9 +304,12 @@ def _call(call: Callable[[], object], expected: type[BaseException] | None) -> N
         raise AssertionError(f"{expected.__name__} not raised")
 
 
-@pytest.mark.parametrize("name", sorted(_cases(mmap.mmap(-1, SIZE))))
+@pytest.mark.parametrize("name", sorted(set(_cases(mmap.mmap(-1, SIZE))) | NUMPY_CASES))
 def test_refcounts_and_traced_memory_stay_flat(shm_map: mmap.mmap, name: str) -> None:
-    call, expected, watched = _cases(shm_map)[name]
+    cases = _cases(shm_map)
+    if name not in cases:
+        pytest.skip(NUMPY_MISSING)
+    call, expected, watched = cases[name]
     # Warm-up: caches, freelists, interned strings and first-call work.
     for _ in range(ROUNDS):
         _call(call, expected)
