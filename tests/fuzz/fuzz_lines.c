@@ -1,6 +1,6 @@
 /*
  * libFuzzer target for csrc/lines.c: the line reader and the parsers of
- * /proc/self/maps and mountinfo lines, over arbitrary bytes.
+ * /proc/self/maps, mountinfo and /proc/locks lines, over arbitrary bytes.
  *
  * An input is a header of HEADER bytes, then the text:
  *
@@ -126,6 +126,7 @@ check_parsers(const char *line, size_t len, size_t dst_size)
     char *copy = malloc(len);
     maps_line m;
     mountinfo_line mi;
+    locks_line lk;
 
     CHECK(copy != NULL);
     memcpy(copy, line, len);
@@ -155,6 +156,8 @@ check_parsers(const char *line, size_t len, size_t dst_size)
         check_unescape(mi.root, mi.root_len, dst_size);
         check_unescape(mi.mount_point, mi.mount_point_len, dst_size);
     }
+    if (parse_locks_line(copy, len, &lk))
+        CHECK(lk.lease == 0 || lk.lease == 1);
     free(copy);
 }
 

@@ -87,6 +87,22 @@ write(
     + b"31 1 8:1 / / rw - ext4 /dev/x\n",  # no super options
 )
 
+with open("/proc/locks", "rb") as f:
+    locks = f.read()
+write(
+    "locks",
+    header(128, (20, 127, 127, 127))
+    + locks
+    + b"1: LEASE  ACTIVE    WRITE 1234 08:01:5678 0 EOF\n"
+    + b"2: DELEG  ACTIVE    READ  1235 fd:00:17 0 EOF\n"
+    + b"2: -> FLOCK  ADVISORY  WRITE 99 00:2a:3 0 EOF\n"
+    + b"3: POSIX  ADVISORY  WRITE 7 100000000:01:5 0 EOF\n"  # major past 32 bits
+    + b"4: POSIX  ADVISORY  WRITE 7 08:01 0 EOF\n"  # no file
+    + b"5: ->\n"
+    + b"6 LEASE\n"
+    + b"7:\n",
+)
+
 # A name longer than any buffer the reader is given here, then a short line.
 long_name = b"/" + b"/".join([b"d" * 250] * 80) + b"/file"
 write(
