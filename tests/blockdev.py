@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ctypes.util
 import errno
 import fcntl
 import functools
@@ -29,6 +30,25 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 PAGE = mmap.PAGESIZE
+
+
+@functools.cache
+def _c_library_name() -> str | None:
+    return ctypes.util.find_library("c")
+
+
+def c_library() -> ctypes.CDLL:
+    """The C library's own functions, errno kept (for mlock and munlock).
+
+    Not ``ctypes.CDLL(None)``: that takes each symbol from the first
+    library defining it, and a preloaded library may define its own.
+    AddressSanitizer's runtime (.ci/sanitize.sh preloads it) makes mlock and
+    munlock do nothing, and the tests that need EBUSY from MS_INVALIDATE
+    over locked pages need the kernel's lock. A new object each call, so
+    that a caller's argtypes stay its own.
+    """
+    return ctypes.CDLL(_c_library_name(), use_errno=True)
+
 
 # --------------------------------------------------------------------------
 # cachestat(2): how many pages of a file range are cached, dirty, in write-back

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
-from blockdev import cachestat, cachestat_unavailable
+from blockdev import c_library, cachestat, cachestat_unavailable
 
 import msyncext
 
@@ -97,7 +97,7 @@ def mlocked(m: mmap.mmap, offset: int, length: int) -> Iterator[None]:
     that needs no device. The export taken to find the address is dropped
     at once, so the map can still be closed.
     """
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = c_library()
     anchor = ctypes.c_char.from_buffer(m)
     address = ctypes.c_void_p(ctypes.addressof(anchor) + offset)
     del anchor

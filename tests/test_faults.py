@@ -130,7 +130,7 @@ def _first_failure(m: Any) -> int:
 
 
 def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = blockdev.c_library()
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = (
         ctypes.c_void_p,

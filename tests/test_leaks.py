@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from blockdev import c_library
 from conftest import NUMPY_MISSING, BadIndex, Index, np
 
 import msyncext
@@ -339,7 +340,7 @@ NOISY = {"ctypes-chain": 8}
 
 def _lock(m: mmap.mmap) -> tuple[Callable[[], None], int]:
     """mlock the map; returns its unlock and the address."""
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = c_library()
     anchor = ctypes.c_char.from_buffer(m)
     address = ctypes.addressof(anchor)
     del anchor  # release the export at once
