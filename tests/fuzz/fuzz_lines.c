@@ -1,6 +1,7 @@
 /*
  * libFuzzer target for csrc/lines.c: the line reader and the parsers of
- * /proc/self/maps, mountinfo and /proc/locks lines, over arbitrary bytes.
+ * /proc/self/maps, mountinfo (whole, and the head of a cut one) and
+ * /proc/locks lines, over arbitrary bytes.
  *
  * An input is a header of HEADER bytes, then the text:
  *
@@ -158,6 +159,17 @@ check_parsers(const char *line, size_t len, size_t dst_size)
     }
     if (parse_locks_line(copy, len, &lk))
         CHECK(lk.lease == 0 || lk.lease == 1);
+    {
+        /* The head of a mountinfo line agrees with the whole line's. */
+        int id, parent;
+        uint64_t dev;
+        int head = parse_mountinfo_head(copy, len, &id, &parent, &dev);
+        if (parse_mountinfo_line(copy, len, &mi))
+            CHECK(head && id == mi.mount_id && parent == mi.parent_id
+                  && dev == mi.dev);
+        if (head)
+            CHECK(id >= 0 && parent >= 0);
+    }
     free(copy);
 }
 
