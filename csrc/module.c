@@ -770,6 +770,19 @@ msync_writeout_status(PyObject *module, PyObject *unused)
     return Py_BuildValue("(ss)", "available", "");
 }
 
+PyDoc_STRVAR(writeout_pending_doc,
+"_writeout_pending($module, /)\n--\n\n"
+"How many write-outs msyncext's thread has yet to hand over (queued,\n"
+"later passes, a batch under way). For tests.");
+
+static PyObject *
+msync_writeout_pending(PyObject *module, PyObject *unused)
+{
+    (void)module;
+    (void)unused;
+    return PyLong_FromLong(writeout_pending());
+}
+
 PyDoc_STRVAR(set_writeback_error_doc,
 "_set_writeback_error($module, cls, /)\n--\n\n"
 "The OSError subclass to raise for write-back failures (msyncext sets it).");
@@ -823,6 +836,8 @@ static PyMethodDef msync_methods[] = {
      writeback_tracking_doc},
     {"writeout_status", msync_writeout_status, METH_NOARGS,
      writeout_status_doc},
+    {"_writeout_pending", msync_writeout_pending, METH_NOARGS,
+     writeout_pending_doc},
     {NULL, NULL, 0, NULL}
 };
 

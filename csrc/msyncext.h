@@ -359,6 +359,8 @@ void writeout_wait(unsigned long long batch);
 int writeout_drop_cached(uintptr_t lo, uintptr_t hi);
 /* Wait up to seconds until everything queued is handed to the kernel. */
 void writeout_drain(double seconds);
+/* Requests queued, later passes pending, and a batch being handed over. */
+int writeout_pending(void);
 /* The state, and why it is WO_UNAVAILABLE or WO_BLOCKED. */
 int writeout_state(char *why, size_t why_size);
 

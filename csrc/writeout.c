@@ -819,6 +819,16 @@ writeout_drain(double seconds)
 }
 
 int
+writeout_pending(void)
+{
+    int n;
+    pthread_mutex_lock(&wo_lock);
+    n = (int)(wo_queue.len + wo_later.len) + wo_busy;
+    pthread_mutex_unlock(&wo_lock);
+    return n;
+}
+
+int
 writeout_state(char *why, size_t why_size)
 {
     int state;
@@ -928,6 +938,12 @@ void
 writeout_drain(double seconds)
 {
     (void)seconds;
+}
+
+int
+writeout_pending(void)
+{
+    return 0;
 }
 
 int
