@@ -194,7 +194,27 @@ add_mount(mount_table *t, size_t *cap, const mount_entry *e)
 int
 mount_table_read(mount_table *t)
 {
-    proc_source src = {open_mountinfo(), 0};
+    int fd = open_mountinfo(), rc;
+    if (fd < 0) {
+        t->items = NULL;
+        t->len = 0;
+        return errno;
+    }
+    rc = mount_table_read_fd(fd, t);
+    close(fd);
+    return rc;
+}
+
+int
+mount_table_open(void)
+{
+    return open_mountinfo();
+}
+
+int
+mount_table_read_fd(int fd, mount_table *t)
+{
+    proc_source src = {fd, 0};
     line_reader reader;
     char *buf, *line;
     size_t len, cap = 0;
@@ -202,13 +222,9 @@ mount_table_read(mount_table *t)
 
     t->items = NULL;
     t->len = 0;
-    if (src.fd < 0)
-        return errno;
     buf = malloc(MOUNTS_BUFFER);
-    if (buf == NULL) {
-        close(src.fd);
+    if (buf == NULL)
         return ENOMEM;
-    }
     line_reader_init(&reader, buf, MOUNTS_BUFFER, proc_read, &src);
     while (err == 0 && (rc = line_next(&reader, &line, &len, &cut)) == 1) {
         mountinfo_line m;
@@ -256,7 +272,6 @@ mount_table_read(mount_table *t)
     if (err == 0 && rc < 0)
         err = reader.err;
     free(buf);
-    close(src.fd);
     if (err != 0)
         mount_table_free(t);
     return err;
@@ -680,6 +695,22 @@ mount_table_free(mount_table *t)
 int
 mount_table_read(mount_table *t)
 {
+    t->items = NULL;
+    t->len = 0;
+    return ENOSYS;
+}
+
+int
+mount_table_open(void)
+{
+    errno = ENOSYS;
+    return -1;
+}
+
+int
+mount_table_read_fd(int fd, mount_table *t)
+{
+    (void)fd;
     t->items = NULL;
     t->len = 0;
     return ENOSYS;

@@ -226,6 +226,10 @@ typedef struct {
 
 /* This thread's /proc/.../mountinfo: 0, or an errno (t empty). */
 int mount_table_read(mount_table *t);
+/* The same through a descriptor of it kept open (mount_table_open: poll()
+ * says POLLPRI once the mounts change), read from its start. */
+int mount_table_open(void);
+int mount_table_read_fd(int fd, mount_table *t);
 void mount_table_free(mount_table *t);
 /* The mount a mapping of device dev showing path lies on (the longest
  * point prefixing it, hidden by no other mount), or NULL; *point_len is

@@ -42,9 +42,13 @@
  *     waits (at most WAIT_NS) until the thread has handed its range to the
  *     kernel and closed the file again, so a map closed right after can be
  *     unmounted. A file handed over moments before (RECENT_NS: a tight
- *     loop) is not waited for: its request joins the next hand-over, and,
- *     since the first pass skips pages still under write-back of an older
- *     version, the file gets further passes later (later_ns), holding
+ *     loop, a writer streaming through a file) is not waited for: its
+ *     request joins the next hand-over, which waits COALESCE_NS after the
+ *     last one while nobody waits for it (ranges of a few MiB are written
+ *     out far better than a stream of 1 MiB ones: B9's final stall was
+ *     ten times longer without). Pages of the last hand-over asked for
+ *     again are passed over while still under write-back of their older
+ *     version, so they get further passes later (later_ns), holding
  *     nothing in between.
  *   - It leaves no thread idle: the thread (named "msyncext-wout", as `ps
  *     -L` shows) ends after IDLE_NS without work and is started again on
@@ -107,6 +111,7 @@
 
 #include <linux/futex.h>
 #include <limits.h>
+#include <poll.h>
 
 /* The same numbers on x86_64 and aarch64 (the generic table); headers
  * older than the calls do not name them. */
@@ -121,6 +126,7 @@
 #define QUEUE_MAX 4096
 #define WAIT_NS (50 * 1000 * 1000LL)
 #define RECENT_NS (5 * 1000 * 1000LL)
+#define COALESCE_NS (5 * 1000 * 1000LL)
 #define IDLE_NS (1000 * 1000 * 1000LL)
 #define RECENT_SLOTS 64
 #define THREAD_NAME "msyncext-wout"
@@ -138,15 +144,22 @@ typedef struct {
     uint64_t lo, hi;       /* file offsets */
     char *path;
     int kind;
-    int passes_done;       /* KIND_WRITE: passes made of a file asked for
-                            * again while in flight; -1: no more needed */
+    /* KIND_WRITE: the part of the range asked for again while its last
+     * hand-over may still be under write-back (its pages rewritten since
+     * are passed over: passes later cover it), and the passes made of it;
+     * passes_done -1: none needed. */
+    uint64_t again_lo, again_hi;
+    int passes_done;
     long long not_before;  /* a later pass: not before this time */
 } request;
 
 typedef struct {
     uint64_t dev, ino, path_hash;
-    long long at_ns;       /* when it was last handed to the kernel */
+    long long at_ns;       /* when it was last handed to the kernel, or
+                            * IN_HAND while it is being handed over */
+    uint64_t lo, hi;       /* the range of that hand-over */
 } recent_file;
+#define IN_HAND LLONG_MAX
 
 typedef struct {
     request *items;
@@ -166,6 +179,7 @@ static request_list wo_later;   /* further passes, each not_before */
  * wait until done reaches the batch their request is in. */
 static unsigned long long wo_taken, wo_done_batch;
 static int wo_busy;            /* a batch is being handed over */
+static int wo_urgent;          /* a caller waits for what is queued */
 static int wo_users;           /* callers between enter and leave */
 static int wo_state;
 static char wo_why[160];       /* WO_UNAVAILABLE, WO_BLOCKED: why */
@@ -340,19 +354,23 @@ remember_handed_over(const request *r, long long at)
     slot->ino = r->ino;
     slot->path_hash = hash;
     slot->at_ns = at;
+    slot->lo = r->lo;
+    slot->hi = r->hi;
 }
 
-static int
+/* The file's last hand-over, if it is under way or was moments ago. */
+static const recent_file *
 handed_over_lately(uint64_t dev, uint64_t ino, uint64_t hash, long long now)
 {
     size_t i;
     for (i = 0; i < RECENT_SLOTS; i++) {
         const recent_file *f = &wo_recent[i];
         if (f->dev == dev && f->ino == ino && f->path_hash == hash
-            && f->at_ns != 0 && now - f->at_ns < RECENT_NS)
-            return 1;
+            && f->at_ns != 0
+            && (f->at_ns == IN_HAND || now - f->at_ns < RECENT_NS))
+            return f;
     }
-    return 0;
+    return NULL;
 }
 
 /* Whether descriptor fd's copy in a new table may be closed without its
@@ -426,35 +444,68 @@ table_copy_is_inert(char *why, size_t why_size)
     return inert;
 }
 
+/* Widen [*lo, *hi) (empty when *lo == *hi) to cover [lo, hi). */
+static void
+widen(uint64_t *to_lo, uint64_t *to_hi, uint64_t lo, uint64_t hi)
+{
+    if (lo >= hi)
+        return;
+    if (*to_lo >= *to_hi) {
+        *to_lo = lo;
+        *to_hi = hi;
+        return;
+    }
+    if (lo < *to_lo)
+        *to_lo = lo;
+    if (hi > *to_hi)
+        *to_hi = hi;
+}
+
 /* Queue one file range (wo_lock held). Returns the batch to wait for, or
  * 0. A later pass (later != 0) keeps its count of passes made. */
 static unsigned long long
 enqueue_locked(const request *r, long long now, int later)
 {
-    uint64_t hash = path_hash(r->path);
-    int lately = r->kind == KIND_WRITE && !later
-                 && handed_over_lately(r->dev, r->ino, hash, now);
-    int passes = later ? r->passes_done : lately ? 0 : -1;
+    uint64_t hash = path_hash(r->path), again_lo = 0, again_hi = 0;
+    const recent_file *last = r->kind == KIND_WRITE && !later
+                                  ? handed_over_lately(r->dev, r->ino, hash,
+                                                       now)
+                                  : NULL;
+    int passes = -1;
     request copy = *r;
     size_t i;
 
+    if (later) {
+        again_lo = r->lo;
+        again_hi = r->hi;
+        passes = r->passes_done;
+    }
+    else if (last != NULL && r->lo < last->hi && last->lo < r->hi) {
+        /* Pages of the last hand-over asked for again: those rewritten
+         * while under write-back are passed over now; later passes. */
+        again_lo = r->lo > last->lo ? r->lo : last->lo;
+        again_hi = r->hi < last->hi ? r->hi : last->hi;
+        passes = 0;
+    }
     for (i = 0; r->kind == KIND_WRITE && i < wo_queue.len; i++) {
         request *q = &wo_queue.items[i];
         if (q->kind == KIND_WRITE && q->dev == r->dev && q->ino == r->ino
             && strcmp(q->path, r->path) == 0) {
             /* One span per file: clean pages in a gap cost nothing to
              * write out, dirty ones would be written soon anyway. */
-            if (r->lo < q->lo)
-                q->lo = r->lo;
-            if (r->hi > q->hi)
-                q->hi = r->hi;
-            if (passes >= 0 && (q->passes_done < 0 || passes < q->passes_done))
-                q->passes_done = passes;  /* the more passes left wins */
+            widen(&q->lo, &q->hi, r->lo, r->hi);
+            if (passes >= 0) {
+                widen(&q->again_lo, &q->again_hi, again_lo, again_hi);
+                if (q->passes_done < 0 || passes < q->passes_done)
+                    q->passes_done = passes;  /* more passes left wins */
+            }
             return 0;  /* the caller that queued it waits for it */
         }
     }
     if (wo_queue.len >= QUEUE_MAX)
         return 0;  /* left to the kernel's flusher */
+    copy.again_lo = again_lo;
+    copy.again_hi = again_hi;
     copy.passes_done = passes;
     copy.not_before = 0;
     if ((copy.path = strdup(r->path)) == NULL)
@@ -463,8 +514,10 @@ enqueue_locked(const request *r, long long now, int later)
         free(copy.path);
         return 0;
     }
+    if (last == NULL && !later)
+        wo_urgent = 1;
     notify_locked();
-    return lately || later ? 0 : wo_taken + 1;
+    return last != NULL || later ? 0 : wo_taken + 1;
 }
 
 /* Move the later passes that are due into the queue (wo_lock held); the
@@ -490,10 +543,10 @@ due_later_locked(long long now)
     return next;
 }
 
-/* Schedule a later pass of r's file (wo_lock held), taking r's path. One
- * per file: a file handed over again meanwhile has its pass moved after
- * that hand-over (a writer that keeps rewriting gets its pass once it
- * stops). */
+/* Schedule a later pass over r's again range (wo_lock held), taking r's
+ * path. One per file: a file handed over again meanwhile has its pass
+ * moved after that hand-over (a writer that keeps rewriting gets its pass
+ * once it stops). */
 static void
 defer_locked(request *r, long long when)
 {
@@ -502,10 +555,7 @@ defer_locked(request *r, long long when)
         request *l = &wo_later.items[i];
         if (l->dev == r->dev && l->ino == r->ino
             && strcmp(l->path, r->path) == 0) {
-            if (r->lo < l->lo)
-                l->lo = r->lo;
-            if (r->hi > l->hi)
-                l->hi = r->hi;
+            widen(&l->lo, &l->hi, r->again_lo, r->again_hi);
             if (when > l->not_before)
                 l->not_before = when;
             if (r->passes_done + 1 < l->passes_done)
@@ -515,6 +565,8 @@ defer_locked(request *r, long long when)
     }
     {
         request again = *r;
+        again.lo = r->again_lo;
+        again.hi = r->again_hi;
         again.not_before = when;
         again.passes_done = r->passes_done + 1;
         if (list_push(&wo_later, &again) == 0)
@@ -529,10 +581,40 @@ drop_first(const void *a, const void *b)
     return (y->kind == KIND_DROP) - (x->kind == KIND_DROP);
 }
 
+/* The mount table, read again only when poll() on a kept descriptor of
+ * mountinfo (in this thread's own table) says the mounts changed. A table
+ * gone stale in between costs nothing but a file passed over: each walk
+ * checks that the mount it starts from is still the one in the table. */
+typedef struct {
+    int fd;
+    int have;
+    mount_table table;
+} kept_mounts;
+
+static void
+refresh_mounts(kept_mounts *k)
+{
+    struct pollfd p;
+
+    if (k->fd < 0)
+        k->fd = mount_table_open();
+    if (k->fd >= 0 && k->have) {
+        p.fd = k->fd;
+        p.events = POLLPRI;
+        p.revents = 0;
+        if (poll(&p, 1, 0) == 0)
+            return;  /* unchanged */
+    }
+    if (k->have)
+        mount_table_free(&k->table);
+    k->have = k->fd >= 0 && mount_table_read_fd(k->fd, &k->table) == 0;
+}
+
 void
 writeout_thread_main(void *unused)
 {
     request_list batch = {NULL, 0, 0};
+    kept_mounts mounts = {-1, 0, {NULL, 0}};
     size_t i;
     unsigned long long number;
     long long idle_since;
@@ -594,6 +676,15 @@ writeout_thread_main(void *unused)
             sleep_unlocked(seen, until);
             continue;
         }
+        /* Nobody waits for what is queued (files handed over moments ago:
+         * a writer streaming through a file): let it gather for a moment
+         * after the last hand-over. Ranges of a few MiB are written out
+         * far better than a stream of 1 MiB ones. */
+        if (!wo_urgent && now - idle_since < COALESCE_NS) {
+            sleep_unlocked(wo_seq, idle_since + COALESCE_NS);
+            continue;
+        }
+        wo_urgent = 0;
         /* Take the whole queue; callers queue anew meanwhile. */
         list_free(&batch);
         batch = wo_queue;
@@ -601,24 +692,24 @@ writeout_thread_main(void *unused)
         wo_queue.len = wo_queue.cap = 0;
         number = ++wo_taken;
         wo_busy = 1;
-        /* Being handed over counts as handed over lately: a caller asking
-         * for one of these files meanwhile joins the next batch without
-         * waiting for it. */
+        /* Being handed over counts as handed over lately, however long it
+         * takes (a congested device): a caller asking for one of these
+         * files meanwhile joins the next batch without waiting for it. */
         for (i = 0; i < batch.len; i++) {
             if (batch.items[i].kind == KIND_WRITE)
-                remember_handed_over(&batch.items[i], now);
+                remember_handed_over(&batch.items[i], IN_HAND);
         }
         pthread_mutex_unlock(&wo_lock);
 
         /* Evictions first: their callers wait for them. */
         qsort(batch.items, batch.len, sizeof(request), drop_first);
-        facts.have_mounts = mount_table_read(&facts.mounts) == 0;
+        refresh_mounts(&mounts);
+        facts.mounts = mounts.table;
+        facts.have_mounts = mounts.have;
         facts.have_leases
             = leases_read(&facts.leases, &facts.n_leases) == 0;
         for (i = 0; i < batch.len; i++)
             serve(&batch.items[i], &facts);
-        if (facts.have_mounts)
-            mount_table_free(&facts.mounts);
         free(facts.leases);
 
         pthread_mutex_lock(&wo_lock);
@@ -631,7 +722,8 @@ writeout_thread_main(void *unused)
             /* Asked for again while in flight: pages still under write-back
              * of an older version were passed over; pass again later,
              * holding nothing meanwhile. */
-            if (r->passes_done >= 0 && r->passes_done < PASSES)
+            if (r->passes_done >= 0 && r->passes_done < PASSES
+                && r->again_lo < r->again_hi)
                 defer_locked(r, idle_since + later_ns[r->passes_done]);
         }
         wo_done_batch = number;
@@ -643,6 +735,10 @@ writeout_thread_main(void *unused)
     notify_locked();
     pthread_mutex_unlock(&wo_lock);
     list_free(&batch);
+    if (mounts.have)
+        mount_table_free(&mounts.table);
+    if (mounts.fd >= 0)
+        close(mounts.fd);
 }
 
 /* ------------------------------------------------------------------------
