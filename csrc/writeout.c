@@ -878,8 +878,11 @@ writeout_start(uintptr_t lo, uintptr_t hi, unsigned long long *wait_for)
 void
 writeout_wait(unsigned long long batch)
 {
-    long long until = now_ns() + WAIT_NS;
+    long long until;
 
+    if (batch == 0)
+        return;  /* nothing asked for, MS_SYNC's case: no cost */
+    until = now_ns() + WAIT_NS;
     pthread_mutex_lock(&wo_lock);
     while (batch != 0 && wo_done_batch < batch && wo_state == WO_RUNNING) {
         if (sleep_unlocked(wo_seq, until) == ETIMEDOUT)
