@@ -169,6 +169,13 @@ still_ours(int fd)
            && st.st_ino == maps_fd_ino;
 }
 
+int
+maps_fd_is_ours(int fd)
+{
+    return fd >= 0 && fd == __atomic_load_n(&maps_fd, __ATOMIC_ACQUIRE)
+           && still_ours(fd);
+}
+
 static pthread_mutex_t parse_lock = PTHREAD_MUTEX_INITIALIZER;
 
 void
@@ -461,6 +468,13 @@ maps_init(void)
 void
 maps_atfork_child(void)
 {
+}
+
+int
+maps_fd_is_ours(int fd)
+{
+    (void)fd;
+    return 0;
 }
 
 int

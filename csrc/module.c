@@ -204,6 +204,14 @@ refusal_reason(int outcome, const wb_report *rep)
             "could not identify (%s), so every file is refused until "
             "clear_writeback_error(buf) lifts it, file by file)",
             name, strerror(rep->why));
+    else if (outcome == SYNC_UNSURE
+             && (rep->view == VIEW_UNSHOWN
+                 || rep->candidate_view == VIEW_UNSHOWN))
+        told = PyUnicode_FromFormat(
+            " (msyncext cannot tell this file apart from %U, whose "
+            "write-back failed (%U): no mount this process can see shows "
+            "the file system of one of them (a detached mount, another "
+            "namespace's))", file, name);
     else if (outcome == SYNC_UNSURE && (rep->view || rep->candidate_view))
         told = PyUnicode_FromFormat(
             " (msyncext cannot see through an overlay mount to tell this "

@@ -44,6 +44,7 @@
 #include <sys/stat.h>
 
 #if defined(__linux__)
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #endif
 
@@ -126,6 +127,52 @@ kind_of(const char *fstype, size_t len)
         || is_type(fstype, len, "9p"))
         return FS_AMBIGUOUS;
     return FS_UNIQUE;
+}
+
+/* The same two questions for a file system known only by its statfs
+ * f_type (the mount that holds a chroot's root: below). The magic numbers
+ * are <linux/magic.h>'s, spelled here because older headers lack some. */
+static int
+closing_does_work_magic(unsigned long magic)
+{
+    static const unsigned long magics[] = {
+        0x65735546UL, /* FUSE (fuseblk and virtiofs too) */
+        0x6969UL,     /* NFS */
+        0xFF534D42UL, /* CIFS */
+        0xFE534D42UL, /* SMB2 */
+        0x517BUL,     /* SMB */
+        0x00C36400UL, /* Ceph */
+        0x01021997UL, /* 9p */
+        0x20030528UL, /* OrangeFS */
+        0x6B414653UL, /* AFS */
+        0x73757245UL, /* Coda */
+        0xF15FUL,     /* eCryptfs */
+    };
+    size_t i;
+    for (i = 0; i < sizeof(magics) / sizeof(magics[0]); i++) {
+        if (magics[i] == magic)
+            return 1;
+    }
+    return 0;
+}
+
+static int
+kind_of_magic(unsigned long magic)
+{
+    switch (magic) {
+    case 0x794C7630UL: /* overlayfs */
+        return FS_OVERLAY;
+    case 0x9123683EUL: /* btrfs */
+    case 0xCA451A4EUL: /* bcachefs */
+    case 0x65735546UL: /* FUSE, virtiofs */
+    case 0xFF534D42UL: /* CIFS */
+    case 0xFE534D42UL: /* SMB2 */
+    case 0x517BUL:     /* SMB */
+    case 0x01021997UL: /* 9p */
+        return FS_AMBIGUOUS;
+    default:
+        return FS_UNIQUE;
+    }
 }
 
 /* ------------------------------------------------------------------------
@@ -211,6 +258,48 @@ mount_table_open(void)
     return open_mountinfo();
 }
 
+/* In a chroot, the mount that holds the process's root lies outside it,
+ * and mountinfo has no line for it (it lists only the mounts it can name
+ * from the root). Its files would be on no mount the table shows: of an
+ * unknown kind, never reached for a handle or a write-out. So when the
+ * root's mount is missing it is added, described from the root itself: its
+ * mount id (fdinfo), its device (stat: a chroot on btrfs shows its
+ * subvolume's device, not the superblock's its mappings show, and stays
+ * unknown), its kind (statfs), at the point "/". 0, or ENOMEM. */
+static int
+add_hidden_root(mount_table *t, size_t *cap)
+{
+    mount_entry e;
+    struct stat st;
+    struct statfs sfs;
+    size_t i;
+    int fd = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC), err = 0;
+
+    if (fd < 0)
+        return 0;  /* nothing to add: the table is what mountinfo shows */
+    memset(&e, 0, sizeof(e));
+    e.id = mount_id_of(fd);
+    for (i = 0; e.id >= 0 && i < t->len; i++) {
+        if (t->items[i].id == e.id)
+            e.id = -1;  /* shown: the usual case */
+    }
+    if (e.id >= 0 && stat_fd(fd, &st) == 0 && fstatfs(fd, &sfs) == 0) {
+        e.parent = -1;
+        e.dev = dev_key(st.st_dev);
+        e.kind = closing_does_work_magic((unsigned long)sfs.f_type)
+                     ? MOUNT_CLOSE_WORKS
+                     : MOUNT_PLAIN;
+        e.fs = kind_of_magic((unsigned long)sfs.f_type);
+        e.point = strdup("/");
+        if (e.point == NULL)
+            err = ENOMEM;
+        else if ((err = add_mount(t, cap, &e)) != 0)
+            free(e.point);
+    }
+    close(fd);
+    return err;
+}
+
 int
 mount_table_read_fd(int fd, mount_table *t)
 {
@@ -272,6 +361,8 @@ mount_table_read_fd(int fd, mount_table *t)
     if (err == 0 && rc < 0)
         err = reader.err;
     free(buf);
+    if (err == 0)
+        err = add_hidden_root(t, &cap);
     if (err != 0)
         mount_table_free(t);
     return err;

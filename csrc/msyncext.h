@@ -147,6 +147,9 @@ typedef struct {
 } mapping_info;
 
 void maps_init(void);
+/* Whether fd is the descriptor of /proc/self/maps that maps.c keeps open
+ * (on a proc mount a chroot may no longer show). */
+int maps_fd_is_ours(int fd);
 void maps_atfork_child(void);
 /* 0 and *out filled (name too, if given: the path, "" if none or cut),
  * ENOENT if nothing is mapped at addr, another errno if it cannot be
@@ -165,9 +168,15 @@ typedef struct {
     int handle_type;       /* -1: no handle */
     uint32_t handle_len;
     unsigned char handle[ID_HANDLE_MAX];
-    int view;              /* an overlayfs view whose real file could not
-                            * be found: dev and ino are the overlay's */
+    int view;              /* VIEW_*: a file that may be any other */
 } file_id;
+enum {
+    VIEW_NONE = 0,
+    VIEW_OVERLAY,   /* an overlayfs view whose real file could not be
+                     * found: dev and ino are the overlay's */
+    VIEW_UNSHOWN,   /* on a file system no mount of this process shows
+                     * (a detached mount, another namespace's) */
+};
 
 /* 1 where mapping_at can tell files apart (Linux), else 0. */
 int maps_can_identify(void);
@@ -294,7 +303,7 @@ typedef struct {
     int why;             /* WB_UNKNOWN, or an unidentified entry: the
                           * errno of the lookup that failed */
     int identified;      /* the entry names its file (dev, ino, path) */
-    int view;            /* ... an overlay view it could not see through */
+    int view;            /* ... a view it could not see through (VIEW_*) */
     int candidate_view;  /* WB_UNSURE: this buffer's file is such a view */
     uint64_t dev, ino;
     char path[512];      /* its path at the failure, "" if none */

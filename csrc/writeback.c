@@ -30,8 +30,9 @@
  *     file while it exists, except on file systems that give one number to
  *     several files (btrfs and bcachefs subvolumes, FUSE, SMB and 9p
  *     servers, an overlay whose real file could not be found) or that no
- *     mount shows: there, without a handle on both sides, the two are
- *     UNSURE. An overlay view whose real file cannot be told (no /proc, no
+ *     mount shows (a detached mount; the mount that holds a chroot's root
+ *     is described from the root itself, mounts.c): there, without a
+ *     handle on both sides, the two are UNSURE. An overlay view whose real file cannot be told (no /proc, no
  *     descriptor free) is UNSURE against every file.
  *   - A clear forgets only entries that are certainly the cleared file:
  *     equal handles, or the same device and inode on a file system where
@@ -227,7 +228,8 @@ identify_named(const mapping_info *m, const char *name, file_id *out,
             handle_on_mount(name, out);
         }
         else {
-            out->view = 1;  /* may be any file */
+            /* May be any file. */
+            out->view = *kind == FS_OVERLAY ? VIEW_OVERLAY : VIEW_UNSHOWN;
         }
         return;
     }

@@ -392,6 +392,10 @@ copy_is_inert(int fd, const mount_table *t, char *why, size_t why_size)
      * live on the kernel's own tmpfs. */
     if (target[0] != '/' || strncmp(target, "/memfd:", 7) == 0)
         return 1;
+    /* msyncext's own /proc/self/maps, opened perhaps before a chroot that
+     * no longer shows its mount: procfs, whose close does nothing. */
+    if (maps_fd_is_ours(fd))
+        return 1;
     id = mount_id_of(fd);
     for (i = 0; id >= 0 && i < t->len; i++) {
         if (t->items[i].id != id)
