@@ -22,9 +22,10 @@
 #   4. prints one summary line and unmounts everything it mounted, on every
 #      exit path.
 #
-# QEMU 7.2 (Debian 12) answers ENOSYS for a few system calls it does not
-# know (cachestat, madvise(MADV_PAGEOUT)): the tests that need them skip and
-# say so. It emulates the guest's /proc/self/maps itself.
+# QEMU 7.2 (Debian 12) answers ENOSYS for what it does not know (cachestat,
+# the PROCMAP_QUERY, btrfs subvolume and file-system shutdown ioctls): the
+# tests that need them skip and say so (CONTRIBUTING.md lists them). It
+# writes the guest's /proc/self/maps itself.
 #
 # Environment:
 #   MSYNCEXT_CI_CACHE   cache directory (default ~/.cache/msyncext-ci): the
@@ -48,6 +49,7 @@
 #   KEEP_WORK=1         keep the scratch directory (never its mounts)
 set -euo pipefail
 shopt -s nullglob
+[[ $(id -u) == 0 ]] || { echo "aarch64.sh: run it as root (binfmt_misc, chroot, mount)" >&2; exit 2; }
 
 started=$SECONDS
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -288,7 +290,7 @@ print(f"{ext.__file__}: ELF64, e_machine 183 (EM_AARCH64); flush(m, 100, 5) retu
 print(f"PAGESIZE {msyncext.PAGESIZE}, os.uname().machine {os.uname().machine}")
 PY
 say "pytest (the whole suite, from an empty directory)"
-rc=0
+rc=0 pytest_started=$SECONDS
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words
 /ci/venv/bin/python -Im pytest -p no:cacheprovider --durations=15 \
     ${PYTEST_ARGS:-/ci/src/tests} 2>&1 | tee /ci/pytest.log || rc=${PIPESTATUS[0]}
@@ -298,7 +300,7 @@ for kind in passed failed skipped error; do
     n=$(grep -oE "[0-9]+ ${kind}s?\b" <<<"$line" | head -n 1 | cut -d' ' -f1 || true)
     counts+=("$kind=${n:-0}")
 done
-echo "${counts[*]} rc=$rc suite_secs=$((SECONDS - started))" >/ci/result
+echo "${counts[*]} rc=$rc pytest_secs=$((SECONDS - pytest_started))" >/ci/result
 say "pytest exited $rc: ${counts[*]}"
 exit "$rc"
 EOF
@@ -325,13 +327,14 @@ cp "$root/ci/pytest.log" "$out/pytest-aarch64.log" 2>/dev/null || true
 cp "$root/ci/result" "$out/result" 2>/dev/null || true
 
 # --- 4. one line ---------------------------------------------------------------
-declare -A c=([passed]=- [failed]=- [skipped]=- [error]=- [suite_secs]=-)
+declare -A c=([passed]=- [failed]=- [skipped]=- [error]=- [pytest_secs]=-)
 for kv in $(cat "$root/ci/result" 2>/dev/null); do c[${kv%%=*}]=${kv#*=}; done
 python=$(in_chroot python3 -c 'import sys; print(sys.version.split()[0])' 2>/dev/null || echo "?")
 qemu=$(qemu-aarch64-static --version | head -n 1 | grep -oE '[0-9]+\.[0-9]+(\.[0-9]+)?' | head -n 1)
 summary="aarch64 (QEMU $qemu user mode, Python $python, $tree): \
 $([[ $rc == 0 ]] && echo ok || echo FAIL) - passed ${c[passed]}, failed ${c[failed]}, \
-skipped ${c[skipped]}, errors ${c[error]}; install+suite ${inside_secs} s, \
+skipped ${c[skipped]}, errors ${c[error]}; pytest ${c[pytest_secs]} s, \
+install and pytest ${inside_secs} s, \
 whole run $((SECONDS - started)) s (chroot $chroot_state)\
 $([[ $test_mounts == 1 ]] && echo ", mount tests on" || echo ", mount tests off"), \
 leak rounds $leak_rounds"
