@@ -180,15 +180,18 @@ sid_packages=(
 chroot_tar=$cache/sid-chroot.tar.zst
 chroot_key="v1 ${sid_packages[*]}"  # change it and the cached chroot is remade
 
-host_mirror() {
+host_mirror() {  # the first Debian archive (not -security) of the host's apt sources
     if [[ -n ${MSYNCEXT_CI_MIRROR:-} ]]; then echo "$MSYNCEXT_CI_MIRROR"; return; fi
-    # deb822 sources first (Debian 12's default), then one-line ones; the
-    # first URI that serves the Debian archive itself (not -security).
-    {
-        cat /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '/^URIs:/ { for (i = 2; i <= NF; i++) print $i }'
-        cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
-            awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) { print $i; break } }'
-    } | grep -E '/debian/?$' | head -n 1
+    local f
+    # deb822 files (Debian 12's default) and one-line ones, whichever exist:
+    # a missing file must not fail the pipeline (pipefail).
+    for f in /etc/apt/sources.list.d/*.sources /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [[ -f $f ]] || continue
+        case $f in
+            *.sources) awk '/^URIs:/ { for (i = 2; i <= NF; i++) print $i }' "$f" ;;
+            *) awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) { print $i; break } }' "$f" ;;
+        esac
+    done | grep -E '/debian/?$' | head -n 1 || true
 }
 
 in_chroot() {  # command... (a clean environment; plain PyPI through the host's CA)

@@ -415,8 +415,9 @@ mapping_at(uintptr_t addr, mapping_info *out, char *name, size_t name_size)
                 long_name(addr, out, name, name_size);
             return err;
         }
-        if ((err == ENOTTY || err == EINVAL) && works < 0) {
-            /* This kernel has no PROCMAP_QUERY (before 6.11). */
+        if ((err == ENOTTY || err == EINVAL || err == ENOSYS) && works < 0) {
+            /* This kernel has no PROCMAP_QUERY (before 6.11); QEMU's user
+             * mode answers ENOSYS for an ioctl it does not know. */
             __atomic_store_n(&query_works, 0, __ATOMIC_RELAXED);
             return parse_mapping_at(addr, out, name, name_size);
         }

@@ -91,21 +91,33 @@ def cachestat(fd: int, offset: int = 0, length: int = 0) -> PageCounts:
 
 
 @functools.cache
-def cachestat_unavailable(directory: str) -> str | None:
-    """Why dirty-page counts cannot be read for files in ``directory``."""
+def cachestat_missing() -> str | None:
+    """Why cachestat(2) cannot be called here at all (an old kernel, QEMU's
+    user mode, a seccomp filter), or None."""
     if not sys.platform.startswith("linux"):
         return "cachestat(2) is Linux-only"
     if os.uname().machine not in ("x86_64", "aarch64"):
         return f"cachestat syscall number not known on {os.uname().machine}"
-    fd, path = tempfile.mkstemp(dir=directory)
-    try:
-        os.write(fd, b"\0" * PAGE)
+    with tempfile.TemporaryFile() as f:
         try:
-            counts = cachestat(fd)
+            cachestat(f.fileno())
         except OSError as exc:
             if exc.errno in (errno.ENOSYS, errno.EPERM):
                 return f"cachestat(2) unavailable: {exc}"
             raise
+    return None
+
+
+@functools.cache
+def cachestat_unavailable(directory: str) -> str | None:
+    """Why dirty-page counts cannot be read for files in ``directory``."""
+    missing = cachestat_missing()
+    if missing is not None:
+        return missing
+    fd, path = tempfile.mkstemp(dir=directory)
+    try:
+        os.write(fd, b"\0" * PAGE)
+        counts = cachestat(fd)
         if counts.dirty != 1:
             return f"{directory} does not account dirty pages (tmpfs?)"
         return None

@@ -31,6 +31,8 @@ import errno
 import mmap
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -343,6 +345,20 @@ def test_fsync_errors_are_not_recorded(fs: ErrFS, name: str) -> None:
     _run(fs, "child_fsync_fails", name)
 
 
+def _start_up_seconds() -> float:
+    """How long a child takes to start and import this module."""
+    started = time.monotonic()
+    tests = str(Path(__file__).parent)
+    code = f"import sys; sys.path.insert(0, {tests!r}); import test_errfs"
+    subprocess.run(
+        [sys.executable, "-I", "-c", code],
+        capture_output=True,
+        timeout=CHILD_TIMEOUT,
+        check=True,
+    )
+    return time.monotonic() - started
+
+
 @needs_errfs
 def test_a_failure_once_and_a_slow_answer(fs: ErrFS) -> None:
     _run(fs, "child_once_and_slow", "0.5")
@@ -352,6 +368,9 @@ def test_a_failure_once_and_a_slow_answer(fs: ErrFS) -> None:
 def test_a_hung_daemon_is_cleaned_up(tmp_path: Path) -> None:
     """A child stuck in msync (the daemon stopped) survives SIGKILL; aborting
     the connection frees it, and errfs() still unmounts and ends the daemon."""
+    # The child must be in msync when its time is up: 3 s, plus twice what
+    # starting one takes (well under a second natively, seconds under QEMU).
+    hang = 3 + 2 * _start_up_seconds()
     started = time.monotonic()
     with errfs(tmp_path / "errfs") as fs:
         assert fs.daemon_pid is not None
@@ -359,7 +378,7 @@ def test_a_hung_daemon_is_cleaned_up(tmp_path: Path) -> None:
         with pytest.raises(
             AssertionError, match=r"survived SIGKILL.*connection aborted"
         ) as info:
-            _run(fs, "child_hang", str(fs.daemon_pid), timeout=3)
+            _run(fs, "child_hang", str(fs.daemon_pid), timeout=hang)
         assert "msync" in str(info.value)
         mountpoint, daemon = fs.mountpoint, fs.daemon_pid
     assert not fs.mounted()
