@@ -16,6 +16,7 @@ root and MSYNCEXT_TEST_MOUNTS=1.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -44,22 +45,45 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-def chroot_dir(tmp_path: Path) -> Iterator[str]:
-    """A directory on the test's own disk, with /proc mounted in it."""
+def _chroot_dir(tmp_path: Path, on_overlay: bool) -> Iterator[str]:
+    """A directory on the test's own disk (or inside an overlay mount made
+    there), with /proc mounted in it."""
     if os.geteuid() != 0:
         pytest.skip("chroot(2) and mount(2) need root")
     reason = blockdev.cachestat_unavailable(str(tmp_path))
     if reason is not None:
         pytest.skip(reason)
-    root = tmp_path / "root"
-    (root / "proc").mkdir(parents=True)
     blockdev.refuse_unless_asked()
-    blockdev._run("mount", "-t", "proc", "proc", str(root / "proc"))
-    try:
+    with contextlib.ExitStack() as stack:
+        base = tmp_path
+        if on_overlay:
+            for layer in ("lower", "upper", "work", "merged"):
+                (tmp_path / layer).mkdir()
+            options = (
+                f"lowerdir={tmp_path}/lower,upperdir={tmp_path}/upper,"
+                f"workdir={tmp_path}/work"
+            )
+            merged = str(tmp_path / "merged")
+            blockdev._run("mount", "-t", "overlay", "overlay", "-o", options, merged)
+            stack.callback(blockdev._run, "umount", merged)
+            base = tmp_path / "merged"
+        root = base / "root"
+        (root / "proc").mkdir(parents=True)
+        blockdev._run("mount", "-t", "proc", "proc", str(root / "proc"))
+        stack.callback(blockdev._run, "umount", str(root / "proc"))
         yield str(root)
-    finally:
-        blockdev._run("umount", str(root / "proc"))
+
+
+@pytest.fixture
+def chroot_dir(tmp_path: Path) -> Iterator[str]:
+    yield from _chroot_dir(tmp_path, on_overlay=False)
+
+
+@pytest.fixture(params=["plain", "overlay"])
+def any_chroot_dir(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A chroot on the disk's own file system, or inside an overlay (whose
+    layers the chroot cannot see: the view is then the file)."""
+    yield from _chroot_dir(tmp_path, on_overlay=request.param == "overlay")
 
 
 def _enter(root: str) -> None:
@@ -129,19 +153,19 @@ def child_the_record_in_a_chroot(failing: str, root: str) -> None:
 
 @faults.needs_loop
 def test_a_healthy_file_in_a_chroot_flushes_while_a_failure_is_recorded(
-    failing_ext4: object, chroot_dir: str
+    failing_ext4: object, any_chroot_dir: str
 ) -> None:
     """A failure is recorded for a file on the failing device, then the child
     enters the chroot: a file there is told apart from it (its mount is the
     root's, described from the root), and the failed map is still refused.
-    The old code refused the healthy file ("cannot see through an overlay
-    mount")."""
+    The old code (ff35a85) refused the healthy file ("cannot see through an
+    overlay mount"), on a plain file system and in an overlay alike."""
     assert isinstance(failing_ext4, blockdev.LoopFS)
     blockdev.run_isolated(
         "test_chroot",
         "child_the_record_in_a_chroot",
         f"{failing_ext4.mountpoint}/big",
-        chroot_dir,
+        any_chroot_dir,
     )
 
 
