@@ -637,14 +637,9 @@ resolve_view(const char *path, file_id *id)
     if (mount_table_read(&t) != 0)
         return -1;
     m = mount_of_path(&t, id->dev, path, &point_len);
-    if (m != NULL && m->fs == FS_OVERLAY && m->upper == NULL
-        && m->parent == -1) {
-        /* A chroot's root on an overlay (add_hidden_root): its layers lie
-         * outside the root, as an upperdir this process cannot reach does
-         * (below): the view is the file as far as it can tell. */
-        mount_table_free(&t);
-        return 0;
-    }
+    /* A chroot's root on an overlay (add_hidden_root) has no upperdir to
+     * look into: the view cannot be told (a failure recorded before the
+     * chroot, through the upper layer then in sight, may be its file). */
     if (m == NULL || m->fs != FS_OVERLAY || m->upper == NULL) {
         mount_table_free(&t);
         return -1;
