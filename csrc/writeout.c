@@ -122,6 +122,30 @@
 #define CLOSE_RANGE_UNSHARE (1U << 1)
 #endif
 
+/* statx(2) (Linux 4.11), which manylinux2014's headers and glibc lack: its
+ * number where this file knows it, and the kernel's struct statx. */
+#if !defined(SYS_statx) && defined(__x86_64__)
+#define SYS_statx 332
+#elif !defined(SYS_statx) && defined(__aarch64__)
+#define SYS_statx 291
+#endif
+#define STATX_TYPE_ 0x0001U
+#define AT_STATX_DONT_SYNC_ 0x4000
+struct msyncext_statx {
+    uint32_t mask, blksize;
+    uint64_t attributes;
+    uint32_t nlink, uid, gid;
+    uint16_t mode, pad1;
+    uint64_t ino, size, blocks, attributes_mask;
+    struct {
+        int64_t sec;
+        uint32_t nsec;
+        int32_t pad;
+    } atime, btime, ctime, mtime;
+    uint32_t rdev_major, rdev_minor, dev_major, dev_minor;
+    uint64_t spare[14];
+};
+
 
 #define QUEUE_MAX 4096
 #define WAIT_NS (50 * 1000 * 1000LL)
@@ -410,6 +434,44 @@ copy_is_inert(int fd, const mount_table *t, char *why, size_t why_size)
     if (id < 0 && readlink(path, target, sizeof(target) - 1) < 0
         && errno == ENOENT)
         return -1;  /* closed meanwhile */
+#if defined(SYS_statx)
+    {
+        /* A mount this table does not show: in a chroot, one of the
+         * mounts outside it (the host's /dev, of a /dev/null opened before
+         * the chroot). Its file's type and superblock, from the attributes
+         * the kernel has cached (AT_STATX_DONT_SYNC: FUSE, NFS and SMB ask
+         * no server). A device node, FIFO or socket closes through its
+         * driver, whatever the file system (as on the mounts shown); a
+         * file on the superblock of a mount shown is that mount's kind. */
+        struct msyncext_statx sx;
+        memset(&sx, 0, sizeof(sx));
+        if (syscall(SYS_statx, fd, "", AT_EMPTY_PATH | AT_STATX_DONT_SYNC_,
+                    STATX_TYPE_, &sx) == 0
+            && (sx.mask & STATX_TYPE_)) {
+            mode_t mode = (mode_t)sx.mode;
+            uint64_t dev = ((uint64_t)sx.dev_major << 32) | sx.dev_minor;
+            int found = 0, plain = 1;
+            if (S_ISCHR(mode) || S_ISBLK(mode) || S_ISFIFO(mode)
+                || S_ISSOCK(mode))
+                return 1;
+            for (i = 0; i < t->len; i++) {
+                if (t->items[i].dev == dev) {
+                    found = 1;
+                    plain = plain && t->items[i].kind == MOUNT_PLAIN;
+                }
+            }
+            if (found && plain)
+                return 1;
+            if (found) {
+                snprintf(why, why_size,
+                         "descriptor %d is on a file system whose close "
+                         "writes back or notifies its server (FUSE, NFS, "
+                         "SMB, ...)", fd);
+                return 0;
+            }
+        }
+    }
+#endif
     /* A mount this thread's table does not show (lazily detached, another
      * namespace's), or no descriptor left to look (EMFILE): what cannot be
      * looked at is not taken for inert. */

@@ -193,6 +193,15 @@ def find_mount(path: str) -> Mount | None:
                 _unescape(fields[5]),
                 point,
             )
+    if best is None and os.stat(real).st_dev == os.stat("/").st_dev:
+        # In a chroot, mountinfo lists only the mounts below the root, not
+        # the one that holds the root itself: this file is on that one.
+        best = Mount(
+            "unknown",
+            "the mount that holds this chroot's root, which mountinfo does not list",
+            "unknown",
+            "/",
+        )
     return best
 
 
