@@ -511,6 +511,94 @@ openat2_path(int dirfd, const char *path, uint64_t flags, uint64_t resolve)
     return (int)syscall(SYS_openat2, dirfd, path, &how, sizeof(how));
 }
 
+/* What openat2_path does, for kernels before 5.6 (and QEMU's user mode,
+ * valgrind) that have no openat2: the path walked one name at a time, each
+ * opened O_PATH | O_NOFOLLOW (a symlink is opened as itself, then refused
+ * with ELOOP, as RESOLVE_NO_SYMLINKS refuses it), "." skipped and ".."
+ * refused (RESOLVE_BENEATH; the maps print no such name), and with
+ * RESOLVE_NO_XDEV the mount of every step compared with mount_id (EXDEV).
+ * A step onto a mount point enters the mounted root, which the kernel has
+ * in memory: no server is asked before the comparison refuses it. */
+static int
+walk_names(int dirfd, const char *path, uint64_t flags, uint64_t resolve,
+           int mount_id)
+{
+    const char *at = path;
+    int cur, err;
+
+    if (*at == '/')
+        cur = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    else if (dirfd == AT_FDCWD)
+        cur = open(".", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    else
+        cur = dup_cloexec(dirfd);
+    if (cur < 0)
+        return -1;
+    for (;;) {
+        char name[256];
+        const char *end;
+        size_t n;
+        int last, next, step_flags;
+        struct stat st;
+
+        while (*at == '/')
+            at++;
+        if (*at == '\0')
+            return cur;
+        end = strchr(at, '/');
+        n = end != NULL ? (size_t)(end - at) : strlen(at);
+        if (n >= sizeof(name)) {
+            close(cur);
+            errno = ENAMETOOLONG;
+            return -1;
+        }
+        memcpy(name, at, n);
+        name[n] = '\0';
+        at += n;
+        while (*at == '/')
+            at++;
+        last = *at == '\0';
+        if (strcmp(name, ".") == 0)
+            continue;
+        if (strcmp(name, "..") == 0) {
+            close(cur);
+            errno = EXDEV;
+            return -1;
+        }
+        step_flags = O_PATH | O_NOFOLLOW | O_CLOEXEC;
+        if (!last || (flags & O_DIRECTORY))
+            step_flags |= O_DIRECTORY;
+        next = openat(cur, name, step_flags);
+        err = errno;
+        close(cur);
+        if (next < 0) {
+            errno = err == ENOTDIR && !last ? ELOOP : err;
+            return -1;
+        }
+        if (stat_fd(next, &st) != 0 || S_ISLNK(st.st_mode)) {
+            close(next);
+            errno = ELOOP;
+            return -1;
+        }
+        if ((resolve & RESOLVE_NO_XDEV_) && mount_id_of(next) != mount_id) {
+            close(next);
+            errno = EXDEV;
+            return -1;
+        }
+        cur = next;
+    }
+}
+
+static int
+open_beneath(int dirfd, const char *path, uint64_t flags, uint64_t resolve,
+             int mount_id)
+{
+    int fd = openat2_path(dirfd, path, flags, resolve);
+    if (fd >= 0 || errno != ENOSYS)
+        return fd;
+    return walk_names(dirfd, path, flags, resolve, mount_id);
+}
+
 int
 open_on_mount(const mount_table *t, uint64_t dev, const char *path,
               int walk_servers, const mount_entry **on)
@@ -535,8 +623,8 @@ open_on_mount(const mount_table *t, uint64_t dev, const char *path,
     }
     /* The mount point itself is reached from "/" (mounts on the way to it
      * are the way to it), and must turn out to be that mount. */
-    dir = openat2_path(AT_FDCWD, point_len == 0 ? "/" : m->point,
-                       O_PATH | O_CLOEXEC, RESOLVE_NO_SYMLINKS_);
+    dir = open_beneath(AT_FDCWD, point_len == 0 ? "/" : m->point,
+                       O_PATH | O_CLOEXEC, RESOLVE_NO_SYMLINKS_, -1);
     if (dir < 0)
         return -1;
     if (mount_id_of(dir) != m->id) {
@@ -573,11 +661,12 @@ open_on_mount(const mount_table *t, uint64_t dev, const char *path,
         memcpy(piece, rest, n);
         piece[n] = '\0';
         rest += n;
-        next = openat2_path(dir, piece,
+        next = open_beneath(dir, piece,
                             O_PATH | O_NOFOLLOW | O_CLOEXEC
                                 | (*rest != '\0' ? O_DIRECTORY : 0),
                             RESOLVE_NO_XDEV_ | RESOLVE_NO_SYMLINKS_
-                                | RESOLVE_BENEATH_);
+                                | RESOLVE_BENEATH_,
+                            m->id);
         err = errno;
         close(dir);
         if (next < 0) {

@@ -859,6 +859,7 @@ def test_point8_the_callers_latency_stays_bounded_with_200_files(
 
 
 _SYS_CLOSE_RANGE = 436  # x86_64 and aarch64 alike
+_SYS_OPENAT2 = 437  # likewise
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_SECCOMP = 22
@@ -885,14 +886,31 @@ class _SockFprog(ctypes.Structure):
 def _refuse_close_range() -> None:
     """Install a seccomp filter under which close_range(2) fails with EPERM,
     as a container profile that does not know it would make it."""
+    _refuse_syscall(_SYS_CLOSE_RANGE, errno.EPERM)
+    libc = _libc()
+    # A range with no descriptor in it: 0 if allowed, EPERM now.
+    far = ctypes.c_uint(1 << 30)
+    assert libc.syscall(_SYS_CLOSE_RANGE, far, far, ctypes.c_uint(0)) == -1
+    assert ctypes.get_errno() == errno.EPERM, _errno_name(ctypes.get_errno())
+
+
+def refuse_openat2() -> None:
+    """Install a seccomp filter under which openat2(2) answers ENOSYS, as on
+    kernels before 5.6, under QEMU's user mode and under valgrind."""
+    _refuse_syscall(_SYS_OPENAT2, errno.ENOSYS)
+
+
+def _refuse_syscall(number: int, err: int) -> None:
+    """Install a seccomp filter under which system call ``number`` fails
+    with ``err`` (this process and its threads, from now on)."""
     libc = _libc()
     program = (
         # seccomp_data: nr at offset 0, arch at offset 4.
         _SockFilter(_LOAD_WORD, 0, 0, 4),
         _SockFilter(_JUMP_IF_EQUAL, 0, 3, _AUDIT_ARCH[os.uname().machine]),
         _SockFilter(_LOAD_WORD, 0, 0, 0),
-        _SockFilter(_JUMP_IF_EQUAL, 0, 1, _SYS_CLOSE_RANGE),
-        _SockFilter(_RETURN, 0, 0, _SECCOMP_RET_ERRNO | errno.EPERM),
+        _SockFilter(_JUMP_IF_EQUAL, 0, 1, number),
+        _SockFilter(_RETURN, 0, 0, _SECCOMP_RET_ERRNO | err),
         _SockFilter(_RETURN, 0, 0, _SECCOMP_RET_ALLOW),
     )
     filters = (_SockFilter * len(program))(*program)
@@ -902,10 +920,6 @@ def _refuse_close_range() -> None:
     where = ctypes.addressof(fprog)
     if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, where, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
-    # A range with no descriptor in it: 0 if allowed, EPERM now.
-    far = ctypes.c_uint(1 << 30)
-    assert libc.syscall(_SYS_CLOSE_RANGE, far, far, ctypes.c_uint(0)) == -1
-    assert ctypes.get_errno() == errno.EPERM, _errno_name(ctypes.get_errno())
 
 
 def child_no_write_out_without_a_private_table(directory: str) -> None:
@@ -955,3 +969,36 @@ def test_fallback_without_close_range_no_write_out_and_the_lock_kept(
     if os.uname().machine not in _AUDIT_ARCH:
         pytest.skip(f"the seccomp filter knows no {os.uname().machine}")
     _run("child_no_write_out_without_a_private_table", str(tmp_path))
+
+
+def child_without_openat2(directory: str) -> None:
+    """The write-out with openat2 answering ENOSYS: it walks to the file one
+    name at a time, still opens nothing but the mapped file (a FIFO or a
+    symlink at its old path is left alone), and still starts the write."""
+    assert "msyncext" not in sys.modules
+    refuse_openat2()
+    import msyncext
+
+    fd, m = _new_map(os.path.join(directory, "plain.bin"), 64)
+    _dirty(m)
+    msyncext.flush(m, flags=msyncext.MS_ASYNC)
+    assert _written_early(fd) == "yes", "MS_ASYNC started nothing without openat2"
+    m.close()
+    os.close(fd)
+    for variant in NAME_VARIANTS:
+        inner = os.path.join(directory, variant)
+        os.mkdir(inner)
+        child_nothing_but_the_file_is_opened(inner, variant)
+
+
+def test_without_openat2_the_file_is_still_reached_and_only_it(
+    tmp_path: Path,
+) -> None:
+    """Kernels before 5.6 (and QEMU 7.2's user mode, and valgrind) have no
+    openat2: the walk from the mount's root falls back to one O_NOFOLLOW
+    open per name, comparing each step's mount. Before that fallback,
+    nothing could be reached there: no write-out, no file handle."""
+    _require(_disk_reason())
+    if os.uname().machine not in _AUDIT_ARCH:
+        pytest.skip(f"the seccomp filter knows no {os.uname().machine}")
+    _run("child_without_openat2", str(tmp_path))
