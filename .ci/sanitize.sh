@@ -25,6 +25,15 @@
 # Skipped here, and why (-k below): the RSS tests (test_rss_stays_flat,
 # test_a_tight_loop_stays_bounded) measure resident memory, which ASan's
 # quarantine of freed blocks and its shadow memory make grow by design.
+# And test_point6_a_child_forked_during_a_retry_neither_hangs_nor_forgets,
+# which forks 11 times while another thread flushes (and allocates)
+# without pause: gcc 12's libasan takes no lock of its allocator around
+# fork() (LLVM added that pthread_atfork handler in 18), so a child forked
+# while the other thread is inside ASan's allocator can wait forever on
+# its lock. Seen once in a CI run ("forked child 10 hung in its first
+# msyncext call"); CPython skips its fork tests under ASan for the same
+# reason. Every plain run of the suite (each interpreter of the matrix)
+# keeps testing msyncext's own fork safety there.
 #
 # Environment: PYTHON (interpreter for the venv, default python3),
 # MSYNCEXT_TEST_MOUNTS as for the suite (.ci/run sets it),
@@ -94,7 +103,7 @@ if [[ $# -gt 0 ]]; then
         tests+=("$arg")
     done
 else
-    tests=("$work/src/tests" -k "not test_rss_stays_flat and not test_a_tight_loop_stays_bounded")
+    tests=("$work/src/tests" -k "not test_rss_stays_flat and not test_a_tight_loop_stays_bounded and not test_point6_a_child_forked_during_a_retry")
 fi
 
 echo "== pytest ${tests[*]} (ASan+UBSan)"
