@@ -14,7 +14,10 @@
  * by no other mount), with openat2(RESOLVE_NO_XDEV | RESOLVE_NO_SYMLINKS),
  * and only its end is looked at: an O_PATH descriptor, which opens
  * nothing (no FIFO, no device, no FUSE OPEN) and whose close releases no
- * lock and runs no flush. What remains: a file mounted by root over the
+ * lock and runs no flush. Without openat2 (kernels before 5.6, QEMU's user
+ * mode) the same walk is made one name at a time (walk_names). In a
+ * chroot, the mount that holds the root has no mountinfo line; it is
+ * described from the root itself (add_hidden_root). What remains: a file mounted by root over the
  * mapped file's own path, on a file system that gives one inode number to
  * several files (a btrfs snapshot), is not told apart.
  *

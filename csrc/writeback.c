@@ -32,8 +32,9 @@
  *     servers, an overlay whose real file could not be found) or that no
  *     mount shows (a detached mount; the mount that holds a chroot's root
  *     is described from the root itself, mounts.c): there, without a
- *     handle on both sides, the two are UNSURE. An overlay view whose real file cannot be told (no /proc, no
- *     descriptor free) is UNSURE against every file.
+ *     handle on both sides, the two are UNSURE. An overlay view whose real
+ *     file cannot be told (no /proc, no descriptor free, a chroot inside
+ *     an overlay) is UNSURE against every file.
  *   - A clear forgets only entries that are certainly the cleared file:
  *     equal handles, or the same device and inode on a file system where
  *     those name one file. (Without handles that file may be a new one with
