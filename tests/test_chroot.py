@@ -29,10 +29,10 @@ import blockdev
 import pytest
 import test_faults as faults
 import test_record as record
+import test_side_effects as side
 
 PAGE = mmap.PAGESIZE
 NPAGES = 64
-WRITTEN_BOUND = 10.0  # s: far below the flusher's 30 s
 
 # test_record's failing device: ext4 without a journal over a full tmpfs.
 failing_ext4 = record.failing_ext4
@@ -102,26 +102,6 @@ def _enter(root: str) -> None:
     assert "/" not in shown, shown
 
 
-def _new_map(path: str) -> tuple[int, mmap.mmap]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.ftruncate(fd, NPAGES * PAGE)
-    return fd, mmap.mmap(fd, NPAGES * PAGE)
-
-
-def _dirty(m: mmap.mmap) -> None:
-    for offset in range(0, len(m), PAGE):
-        m[offset] = (m[offset] + 1) & 0xFF
-
-
-def _written_early(fd: int) -> str:
-    deadline = time.monotonic() + WRITTEN_BOUND
-    while (dirty := blockdev.cachestat(fd).dirty) != 0:
-        if time.monotonic() > deadline:
-            return f"{dirty} pages still dirty after {WRITTEN_BOUND:.0f} s"
-        time.sleep(0.005)
-    return "yes"
-
-
 def _drain(m: mmap.mmap) -> None:
     """libc msync of the whole map until the kernel has nothing more to
     report (later write-back of the rest fails anew): from then on only
@@ -150,7 +130,7 @@ def child_the_record_in_a_chroot(failing: str, root: str, kind: str) -> None:
     first = faults._first_failure(m)
     _drain(m)
     _enter(root)
-    hfd, healthy = _new_map("/healthy")
+    hfd, healthy = side._new_map("/healthy", NPAGES)
     healthy[:5] = b"fresh"
     seen = {
         "a healthy file's flush": record._outcome(lambda: msyncext.flush(healthy)),
@@ -256,11 +236,11 @@ def child_the_write_out_in_a_chroot(root: str) -> None:
     import msyncext
 
     _enter(root)
-    fd, m = _new_map("/data")
-    _dirty(m)
+    fd, m = side._new_map("/data", NPAGES)
+    side._dirty(m)
     msyncext.flush(m, flags=msyncext.MS_ASYNC)
-    seen = {"MS_ASYNC: written early": _written_early(fd)}
-    _dirty(m)
+    seen = {"MS_ASYNC: written early": side._written_early(fd)}
+    side._dirty(m)
     msyncext.flush(m, evict=True)
     counts = blockdev.cachestat(fd)
     # Eviction is best effort under load (test_writeout.py): nothing dirty,
