@@ -9,7 +9,8 @@
 # (tests/fuzz/corpus/) for FUZZ_SECONDS or FUZZ_RUNS inputs, whichever
 # comes first. Inputs libFuzzer finds are kept in a scratch directory, never
 # added to the committed corpus. Any crash, sanitizer report, failed check
-# of the target, timeout or out-of-memory fails the run; the input that
+# of the target, timeout or out-of-memory fails the run, and so does a slow
+# unit that is slow again when replayed (below); the input that
 # caused it is copied to FUZZ_ARTIFACTS and printed in hex, and can be
 # replayed with `fuzz_lines FILE` (KEEP=1 keeps the build).
 #
@@ -62,6 +63,25 @@ awk '/^###### Recommended dictionary/ { skip = 1 }
      /^###### End of recommended dictionary/ { skip = 0 }' "$work/log" | tail -n 80
 
 shopt -s nullglob
+# A slow unit (libFuzzer writes one for an input that ran 10 s or more, its
+# -report_slow_units, without reaching the timeout) is replayed three times:
+# an input that is slow in itself is slow again and fails the run; one that
+# replays in well under a second met a machine that stalled (a loaded CI
+# host), which is reported and kept but fails nothing.
+for f in "$work"/crash/slow-unit-*; do
+    slow=0
+    for _ in 1 2 3; do
+        started=$(date +%s%N)
+        "$work/fuzz_lines" -runs=1 "$f" >/dev/null 2>&1 || slow=1
+        (( $(date +%s%N) - started < 1000000000 )) || slow=1
+    done
+    mkdir -p "$artifacts"
+    cp "$f" "$artifacts/"
+    if (( slow == 0 )); then
+        echo "fuzz.sh: $(basename "$f") ran 10 s once but replays in under a second: the machine stalled, not the target (kept in $artifacts)"
+        rm "$f"
+    fi
+done
 found=("$work"/crash/*)
 if [[ $status -ne 0 || ${#found[@]} -gt 0 ]]; then
     mkdir -p "$artifacts"
